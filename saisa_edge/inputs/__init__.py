@@ -1,0 +1,1 @@
+"""Where a request enters: image preprocessing, conversation templates, prompt tokenisation."""

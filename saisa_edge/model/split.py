@@ -1,0 +1,124 @@
+"""SAISA split for deployment: visual K/V once per image, then text-only prefill and decode.
+
+For layer l the visual keys and values are a function of the image and of the
+position of its first token only, so they are computed once and then read as a
+fixed, all-visible segment by every text token after the image. Text tokens keep
+an ordinary causal K/V cache. Which text token may see the visual segment follows
+from positions alone: exactly those at or after `VisualKV.end`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saisa_edge import IMAGE_TOKEN_INDEX
+from saisa_edge.model.attention import attend
+from saisa_edge.model.llama import SaisaLM
+
+
+@dataclass(frozen=True)
+class VisualKV:
+    """Read-only per-image keys/values, [layers, images, kv_heads, N_v, head_dim]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    start: int
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def end(self) -> int:
+        """Position of the first text token after the image."""
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class TextCache:
+    """Causal text K/V, [layers, batch, kv_heads, T, head_dim], and each entry's position [batch, T]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def empty(cls, lm: SaisaLM, batch: int) -> "TextCache":
+        t = lm.config.text
+        shape = (t.num_hidden_layers, batch, t.num_key_value_heads, 0, t.head_dim)
+        kv = torch.zeros(shape, dtype=lm.lm_head.weight.dtype)
+        return cls(kv, kv.clone(), torch.zeros(batch, 0, dtype=torch.long))
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+
+@torch.no_grad()
+def visual_kv(lm: SaisaLM, features: torch.Tensor, start: int) -> VisualKV:
+    """features [images, N_v, mm_hidden] -> every layer's visual K/V, RoPE from position `start`."""
+    dtype = lm.lm_head.weight.dtype
+    features = features.to(dtype)
+    n = features.shape[1]
+    positions = torch.arange(start, start + n).expand(features.shape[0], n)
+    cos, sin = lm.rope(positions, dtype)
+    keys, values = [], []
+    for layer in lm.model.layers:
+        h = layer.input_layernorm(layer.mm_projector(features))
+        k, v = layer.self_attn.key_value(h, cos, sin)
+        keys.append(k)
+        values.append(v)
+    return VisualKV(torch.stack(keys), torch.stack(values), start)
+
+
+@torch.no_grad()
+def forward_text(
+    lm: SaisaLM,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    cache: TextCache,
+    visual: VisualKV | None = None,
+) -> tuple[torch.Tensor, TextCache]:
+    """Text tokens ids [B, T] at positions [B, T] -> logits [B, T, vocab] and the grown cache.
+
+    The two key segments: `visual` (shared by the batch when it holds one image,
+    visible to queries at or after `visual.end`) and the text cache plus the new
+    tokens (visible where the key's position is not after the query's).
+    """
+    dtype = lm.lm_head.weight.dtype
+    b, t = ids.shape
+    x = lm.model.embed_tokens(ids)
+    cos, sin = lm.rope(positions, dtype)
+    key_pos = torch.cat((cache.positions, positions), dim=1)
+    mask = key_pos[:, None, :] <= positions[:, :, None]
+    if visual is not None:
+        sees_image = (positions >= visual.end)[:, :, None].expand(b, t, visual.length)
+        mask = torch.cat((sees_image, mask), dim=2)
+    keys, values = [], []
+    for i, layer in enumerate(lm.model.layers):
+        h = layer.input_layernorm(x)
+        q = layer.self_attn.query(h, cos, sin)
+        k_new, v_new = layer.self_attn.key_value(h, cos, sin)
+        k = torch.cat((cache.keys[i], k_new), dim=2)
+        v = torch.cat((cache.values[i], v_new), dim=2)
+        keys.append(k)
+        values.append(v)
+        if visual is not None:
+            k = torch.cat((visual.keys[i].expand(b, -1, -1, -1), k), dim=2)
+            v = torch.cat((visual.values[i].expand(b, -1, -1, -1), v), dim=2)
+        x = layer.residual(x, attend(q, k, v, mask))
+    return lm.logits(x), TextCache(torch.stack(keys), torch.stack(values), key_pos)
+
+
+def text_layout(ids: list[int], n_visual: int) -> tuple[list[int], list[int], int]:
+    """Prompt ids with at most one image marker -> (text ids, their positions, image start).
+
+    Text before the image sits at 0..s-1, the image at s..s+N_v-1, text after it from
+    s+N_v on. Without a marker the image start is the prompt length (nothing follows it).
+    """
+    start = ids.index(IMAGE_TOKEN_INDEX) if IMAGE_TOKEN_INDEX in ids else len(ids)
+    text = [i for i in ids if i != IMAGE_TOKEN_INDEX]
+    positions = list(range(start)) + list(range(start + n_visual, start + n_visual + len(text) - start))
+    return text, positions, start

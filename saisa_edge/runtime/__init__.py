@@ -1,0 +1,1 @@
+"""Generation on top of a backend: prompt assembly, sampling, streaming, stopping."""

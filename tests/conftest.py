@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny checkpoints written once per session through the real writer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from saisa_edge.checkpoint.loader import load_checkpoint
+from saisa_edge.checkpoint.presets import tiny, write_checkpoint
+
+DEMO_IMAGE = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets" / "demo.png"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return write_checkpoint(tiny(), tmp_path_factory.mktemp("ckpt") / "tiny", dtype="fp32", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_dir(tmp_path_factory) -> Path:
+    spec = tiny(seed=1, num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
+    return write_checkpoint(spec, tmp_path_factory.mktemp("ckpt") / "tiny-gqa", dtype="fp32", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_dir):
+    return load_checkpoint(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_ckpt(tiny_gqa_dir):
+    return load_checkpoint(tiny_gqa_dir)
+
+
+@pytest.fixture(params=["mha", "gqa"])
+def ckpt(request, tiny_ckpt, tiny_gqa_ckpt):
+    return tiny_ckpt if request.param == "mha" else tiny_gqa_ckpt
