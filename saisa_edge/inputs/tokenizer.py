@@ -9,13 +9,17 @@ before "\\n" are part of the model's input and are kept.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from saisa_edge import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from saisa_edge.errors import SaisaError
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @dataclass
@@ -65,6 +69,11 @@ class PromptTokenizer:
         for chunk in chunks[1:]:
             ids += [IMAGE_TOKEN_INDEX] + chunk[skip:]
         return ids
+
+    @cached_property
+    def byte_ids(self) -> frozenset[int]:
+        """Ids of sentencepiece byte-fallback pieces (`<0x0A>` ...)."""
+        return frozenset(i for t, i in self.hf.get_vocab().items() if _BYTE_PIECE.fullmatch(t))
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

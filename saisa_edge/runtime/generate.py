@@ -105,7 +105,7 @@ def generate(
     now = lap("prefill", now)
     gen = make_generator(params)
     eos = {e for e in (*ckpt.config.text.eos_token_ids, ckpt.tokenizer.eos_id) if e is not None}
-    stream = TextStream(ckpt.tokenizer.decode, (template.stop,), on_text)
+    stream = TextStream(ckpt.tokenizer.decode, (template.stop,), on_text, ckpt.tokenizer.byte_ids)
     tokens: list[int] = []
     next_pos = positions[-1] + 1
     finish = "length"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -10,13 +11,16 @@ from dataclasses import dataclass, field
 class TextStream:
     """Feed generated ids; `on_text` gets each new piece of final text.
 
-    Text is held back while it ends in an incomplete UTF-8 sequence or could be the
-    start of a stop string; a completed stop string ends the stream and is dropped.
+    Text is held back while it could still change: while it ends in an incomplete
+    UTF-8 sequence, in a run of byte-fallback tokens (a sentencepiece decoder turns
+    every byte of an invalid run into U+FFFD, earlier bytes included) or in what could
+    be the start of a stop string. A completed stop string ends the stream and is dropped.
     """
 
     decode: Callable[[list[int]], str]
     stops: tuple[str, ...]
     on_text: Callable[[str], None] | None = None
+    byte_ids: frozenset[int] = frozenset()
     ids: list[int] = field(default_factory=list)
     emitted: int = 0
     stopped: bool = False
@@ -38,6 +42,11 @@ class TextStream:
         hold = max((k for s in self.stops for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
         if full.endswith("\ufffd"):
             hold = max(hold, 1)
+        settled = len(self.ids)
+        while settled and self.ids[settled - 1] in self.byte_ids:
+            settled -= 1
+        if settled < len(self.ids):
+            hold = max(hold, len(full) - len(os.path.commonprefix([full, self.decode(self.ids[:settled])])))
         self._emit(len(full) - hold)
         return False
 

@@ -1,0 +1,3 @@
+from saisa_edge.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""Request inputs: LLaVA-1.5 image preprocessing, templates and tokenisation as the original."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saisa_edge import IMAGE_TOKEN_INDEX
+from saisa_edge.config import VisionConfig
+from saisa_edge.errors import SaisaError
+from saisa_edge.inputs.conversation import TEMPLATES, get_template
+from saisa_edge.inputs.image import expand_to_square, load_image, preprocess
+from tests.conftest import DEMO_IMAGE
+
+CLIP_L = VisionConfig()
+
+
+def _random_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 500), (336, 336), (100, 37), (1000, 1000)])
+@pytest.mark.parametrize("pad", [True, False])
+def test_preprocess_equals_transformers_clip_processor(size, pad):
+    from transformers import CLIPImageProcessor
+
+    proc = CLIPImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_mean=list(CLIP_L.image_mean), image_std=list(CLIP_L.image_std), resample=3,
+    )
+    img = _random_image(*size)
+    ref_input = expand_to_square(img, CLIP_L.image_mean) if pad else img
+    want = torch.as_tensor(np.asarray(proc(ref_input, return_tensors="np")["pixel_values"][0]))
+    got = preprocess(img, CLIP_L, pad=pad)
+    assert got.shape == (3, 336, 336) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_pad_uses_mean_colour_and_centres():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    sq = expand_to_square(img, CLIP_L.image_mean)
+    assert sq.size == (40, 40)
+    assert sq.getpixel((0, 0)) == tuple(int(m * 255) for m in CLIP_L.image_mean)
+    assert sq.getpixel((20, 10)) == (255, 0, 0) and sq.getpixel((20, 29)) == (255, 0, 0)
+    assert sq.getpixel((20, 9)) != (255, 0, 0) and sq.getpixel((20, 30)) != (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "mode, fmt",
+    [("RGB", "JPEG"), ("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("L", "BMP"), ("CMYK", "JPEG"),
+     ("RGB", "WEBP"), ("RGBA", "WEBP"), ("P", "GIF")],
+)
+def test_formats_and_modes_decode_to_rgb(tmp_path, mode, fmt):
+    path = tmp_path / f"img.{fmt.lower()}"
+    _random_image(32, 24).convert(mode).save(path, fmt)
+    img = load_image(path)
+    assert img.mode == "RGB" and img.size == (32, 24)
+
+
+def test_gif_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    assert load_image(path).getpixel((4, 4)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", None])
+def test_broken_image(tmp_path, content):
+    path = tmp_path / "broken.png"
+    if content is None:
+        data = DEMO_IMAGE.read_bytes()
+        content = data[: len(data) // 3]
+    path.write_bytes(content)
+    with pytest.raises(SaisaError, match=f"--image {path}: cannot decode"):
+        load_image(path)
+
+
+def test_missing_image(tmp_path):
+    with pytest.raises(SaisaError, match="file not found"):
+        load_image(tmp_path / "none.png")
+
+
+# --- templates -----------------------------------------------------------------------------
+
+
+def test_vicuna_v1_prompt_is_llava_verbatim():
+    t = TEMPLATES["vicuna_v1"]
+    assert t.prompt([("<image>\nWhat is it?", None)]) == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is it? ASSISTANT:"
+    )
+    two = t.prompt([("<image>\nQ1", "A1"), ("Q2", None)])
+    assert two.endswith("USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:")
+
+
+def test_llama3_and_chatml():
+    assert TEMPLATES["llama_3"].prompt([("Q", "A"), ("R", None)]).endswith(
+        "USER: Q ASSISTANT: A<|end_of_text|>USER: R ASSISTANT:")
+    assert TEMPLATES["chatml_direct"].prompt([("<image>\nQ", None)]) == (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|>"
+        "<|im_start|>assistant\n"
+    )
+    assert TEMPLATES["chatml_direct"].stop == "<|im_end|>" and TEMPLATES["vicuna_v1"].stop == "</s>"
+
+
+def test_unknown_template():
+    with pytest.raises(SaisaError, match="--conv-mode 'alpaca' is unknown"):
+        get_template("alpaca")
+
+
+# --- tokenisation --------------------------------------------------------------------------
+
+
+def test_tokenizer_image_token_like_llava(tiny_ckpt):
+    tok = tiny_ckpt.tokenizer
+    prompt = TEMPLATES["vicuna_v1"].prompt([("<image>\nWhat is shown?", None)])
+    ids = tok.encode(prompt)
+    before, after = prompt.split("<image>")
+    want_before = tok.hf(before).input_ids
+    want_after = tok.hf(after).input_ids[1:]  # BOS kept on the first chunk only
+    assert ids == want_before + [IMAGE_TOKEN_INDEX] + want_after
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    # the sentencepiece quirk the model was trained with: a lone "▁" before the newline
+    assert tok.hf.convert_ids_to_tokens(ids[ids.index(IMAGE_TOKEN_INDEX) + 1 : ids.index(IMAGE_TOKEN_INDEX) + 3]) == [
+        "▁", "<0x0A>"]
+    assert tok.default_conv_mode() == "vicuna_v1"
+
+
+def test_one_image_per_prompt(tiny_ckpt):
+    with pytest.raises(SaisaError, match="2 <image> markers"):
+        tiny_ckpt.tokenizer.encode("<image> and <image>")

@@ -1,0 +1,119 @@
+"""Sampling, streaming with stop strings, and a whole request on the PyTorch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saisa_edge.errors import SaisaError
+from saisa_edge.inputs.conversation import TEMPLATES
+from saisa_edge.inputs.image import load_image, preprocess
+from saisa_edge.model import original
+from saisa_edge.runtime.generate import generate
+from saisa_edge.runtime.sampling import SamplingParams, make_generator, sample
+from saisa_edge.runtime.stream import TextStream
+from tests.conftest import DEMO_IMAGE
+
+LOGITS = torch.tensor([0.0, 3.0, 2.5, -1.0, 2.9])
+
+
+def _draws(params: SamplingParams, n: int = 300) -> list[int]:
+    gen = make_generator(params)
+    return [sample(LOGITS, params, gen) for _ in range(n)]
+
+
+def test_greedy_and_degenerate_sampling():
+    assert sample(LOGITS, SamplingParams(), make_generator(SamplingParams())) == 1
+    assert set(_draws(SamplingParams(temperature=1.0, top_k=1, seed=0))) == {1}
+    assert set(_draws(SamplingParams(temperature=1.0, top_p=0.01, seed=0))) == {1}
+
+
+def test_top_k_and_top_p_restrict_support():
+    assert set(_draws(SamplingParams(temperature=1.0, top_k=3, seed=1))) == {1, 2, 4}
+    # p(1), p(4), p(2) ~ 0.37, 0.34, 0.22: 0.6 needs the first two only
+    assert set(_draws(SamplingParams(temperature=1.0, top_p=0.6, seed=2))) == {1, 4}
+    assert len(set(_draws(SamplingParams(temperature=5.0, seed=3)))) == 5
+
+
+def test_seed_reproduces():
+    p = SamplingParams(temperature=1.0, seed=42)
+    assert _draws(p) == _draws(p)
+    assert _draws(p) != _draws(SamplingParams(temperature=1.0, seed=43))
+
+
+def _stream(pieces: list[bytes], stops=("</s>",)):
+    """Tokens as byte pieces, decoded like a byte-level tokenizer does."""
+    out: list[str] = []
+    s = TextStream(lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", "replace"), stops, out.append)
+    stopped = [s.push(i) for i in range(len(pieces))]
+    return s, out, stopped
+
+
+def test_stream_holds_back_a_possible_stop_string():
+    s, out, stopped = _stream([b"Hello", b" wor", b"ld<", b"/s", b">", b"ignored"])
+    assert stopped.index(True) == 4
+    assert out == ["Hello", " wor", "ld"] and s.finish() == "Hello world"
+
+
+def test_stream_releases_a_false_alarm_and_partial_utf8():
+    s, out, _ = _stream([b"a<", b"b", b"\xc3", b"\xa9"])
+    assert out == ["a", "<b", "\u00e9"] and s.finish() == "a<b\u00e9"
+
+
+def test_stream_holds_byte_fallback_runs():
+    """A sentencepiece decoder turns every byte of an invalid run into U+FFFD, retroactively."""
+    pieces = {0: "A", 1: b"?", 2: b"\xf1", 3: " b"}
+
+    def decode(ids):
+        out, run = "", b""
+        for i in ids + [None]:
+            if isinstance(pieces.get(i), bytes):
+                run += pieces[i]
+                continue
+            try:
+                out += run.decode("utf-8")
+            except UnicodeDecodeError:
+                out += "\ufffd" * len(run)
+            run = b""
+            out += pieces.get(i) or ""
+        return out
+
+    out: list[str] = []
+    s = TextStream(decode, ("</s>",), out.append, frozenset({1, 2}))
+    for i in (0, 1, 2, 3):
+        s.push(i)
+    assert out == ["A", "\ufffd\ufffd b"] and s.finish() == "A\ufffd\ufffd b"
+
+
+def test_generate_greedy_matches_original(tiny_ckpt):
+    pixels = preprocess(load_image(DEMO_IMAGE), tiny_ckpt.config.vision)
+    t = TEMPLATES["vicuna_v1"]
+    streamed: list[str] = []
+    r = generate(tiny_ckpt, t, "What is shown?", pixels, SamplingParams(), 12, streamed.append)
+    assert r.visual_cache == "miss" and len(r.tokens) == 12 and r.finish_reason == "length"
+    assert r.prompt_tokens.count(-200) == 1
+    assert set(r.timings_ms) >= {"vision", "visual_kv", "prefill", "first_token", "decode", "total"}
+    assert "".join(streamed) == tiny_ckpt.tokenizer.decode(r.tokens)
+    seq, feats = list(r.prompt_tokens), tiny_ckpt.vision(pixels[None])[0]
+    for tok in r.tokens:
+        assert int(original.forward(tiny_ckpt.lm, seq, feats)[-1].argmax()) == tok
+        seq.append(tok)
+
+
+def test_generate_text_only_and_errors(tiny_ckpt):
+    t = TEMPLATES["vicuna_v1"]
+    r = generate(tiny_ckpt, t, "Hi", None, SamplingParams(), 3)
+    assert r.visual_cache == "none" and -200 not in r.prompt_tokens and "vision" not in r.timings_ms
+    with pytest.raises(SaisaError, match="no --image"):
+        generate(tiny_ckpt, t, "<image>\nHi", None, SamplingParams(), 3)
+    with pytest.raises(SaisaError, match="--prompt is too long"):
+        generate(tiny_ckpt, t, "word " * 3000, None, SamplingParams(), 3)
+
+
+def test_generation_stops_at_context_end(tmp_path):
+    from saisa_edge.checkpoint.loader import load_checkpoint
+    from saisa_edge.checkpoint.presets import tiny, write_checkpoint
+
+    ckpt = load_checkpoint(write_checkpoint(tiny(max_position_embeddings=80), tmp_path / "c", dtype="fp32"))
+    r = generate(ckpt, TEMPLATES["vicuna_v1"], "Hi", None, SamplingParams(), 500)
+    assert len(r.prompt_tokens) + len(r.tokens) <= 80 + 1 and r.finish_reason in ("length", "stop")
