@@ -211,3 +211,48 @@ def test_vision_path_equals_transformers_clip(tiny_ckpt, select_layer, feature):
     want = hidden if feature == "cls_patch" else hidden[:, 1:]
     assert got.shape == (1, cfg.num_visual_tokens, cfg.vision.hidden_size)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class _Fixed(torch.nn.Module):
+    """A projector that ignores the image and returns given hidden states."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.hidden[0].expand(*features.shape[:-1], -1)
+
+
+def check_text_as_image(lm: SaisaLM, before: list[int], passage: list[int], after: list[int], atol: float):
+    """Feed each layer, as its "image", the hidden states LLaMA computes for an inline passage.
+
+    The visual K/V are then exactly LLaMA's K/V for that passage, so SAISA's logits at
+    the text positions must equal LLaMA's on the sequence with the passage inline: an
+    end-to-end check of positions, RoPE offsets and masking against transformers.
+    """
+    import copy
+
+    hf = hf_llama(lm)
+    seq = torch.tensor([before + passage + after])
+    with torch.no_grad():
+        out = hf(seq, output_hidden_states=True)
+    span = slice(len(before), len(before) + len(passage))
+    lm = copy.deepcopy(lm)
+    for layer, hidden in zip(lm.model.layers, out.hidden_states):
+        layer.mm_projector = _Fixed(hidden[:, span])
+    ids = before + [IMAGE_TOKEN_INDEX] + after
+    feats = torch.zeros(1, len(passage), lm.config.mm.mm_hidden_size)
+    got, *_ = split_prefill(lm, ids, feats)
+    text_rows = [i for i in range(seq.shape[1]) if not span.start <= i < span.stop]
+    torch.testing.assert_close(got, out.logits[0, text_rows], atol=atol, rtol=1e-4)
+    orig = original.forward(lm, ids, feats[0])
+    torch.testing.assert_close(orig, out.logits[0, text_rows], atol=atol, rtol=1e-4)
+
+
+def test_text_as_image_equals_transformers_llama(ckpt):
+    t = TEMPLATES["vicuna_v1"]
+    before, after = t.prompt([("<image>\nWhat does the passage say?", None)]).split("<image>")
+    tok = ckpt.tokenizer.hf
+    passage = tok("The quick brown fox jumps over the lazy dog.").input_ids[1:]
+    check_text_as_image(ckpt.lm, tok(before).input_ids, passage, tok(after).input_ids[1:], atol=5e-5)

@@ -194,11 +194,12 @@ def smol(seed: int = 0) -> CheckpointSpec:
     config = llava_config(text, _CLIP_L_336)
     tensors = _lm_tensors(config, gen)
     tensors.update(real)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
     def write_tokenizer(folder: Path) -> None:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
 
     say("drawing a random CLIP ViT-L/14-336 vision tower (no vision weights are reachable)")
     return CheckpointSpec(

@@ -1,0 +1,92 @@
+"""The `smol` preset: real SmolLM2-135M-Instruct weights, tokenizer and chat template,
+CLIP ViT-L/14-336 shape. Slow: the checkpoint is ~0.9 GB and CLIP-L runs on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from saisa_edge.checkpoint.loader import load_checkpoint
+from saisa_edge.checkpoint.smollm2 import gguf_path, read_llama_gguf
+from saisa_edge.cli import main
+from saisa_edge.inputs.conversation import TEMPLATES
+from saisa_edge.inputs.image import load_image, preprocess
+from saisa_edge.runtime.generate import generate
+from saisa_edge.runtime.sampling import SamplingParams
+from tests.conftest import DEMO_IMAGE
+from tests.test_reference import check_text_as_image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "smol"
+    r = CliRunner().invoke(main, ["make-checkpoint", "--preset", "smol", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol(smol_dir):
+    return load_checkpoint(smol_dir)
+
+
+def test_gguf_import_equals_transformers_gguf_loader():
+    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = gguf_path()
+    fields, ours = read_llama_gguf(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name))
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    assert set(ours) == set(theirs) and fields["num_key_value_heads"] == 3 and fields["tie_word_embeddings"]
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, torch.as_tensor(theirs[name]).float(), atol=0, rtol=0)
+
+
+def test_smol_layout(smol_dir, smol):
+    cfg = json.loads((smol_dir / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float16" and cfg["mm_vision_tower"] == "clip-vision-tower"
+    assert smol.config.num_visual_tokens == 576 and smol.config.vision.hidden_size == 1024
+    assert smol.config.text.num_key_value_heads == 3 and smol.config.text.num_attention_heads == 9
+    assert smol.tokenizer.default_conv_mode() == "chatml_direct"
+    assert "{% for message in messages %}" in (smol.tokenizer.hf.chat_template or "")
+
+
+def test_real_weights_answer(smol):
+    r = generate(smol, TEMPLATES["chatml_direct"], "What is the capital of France?", None, SamplingParams(), 24)
+    assert "Paris" in r.text and r.finish_reason == "stop"
+
+
+def test_text_as_image_on_real_weights(smol):
+    """SmolLM2's own hidden states of a passage, fed as the image, reproduce transformers' LLaMA."""
+    t = TEMPLATES["chatml_direct"]
+    before, after = t.prompt([("<image>\nSummarise the passage.", None)]).split("<image>")
+    tok = smol.tokenizer.hf
+    passage = tok("Paris is the capital and largest city of France, on the river Seine.").input_ids
+    check_text_as_image(smol.lm, tok(before).input_ids, passage, tok(after).input_ids, atol=2e-3)
+
+
+def test_clip_l_equals_transformers(smol):
+    from transformers import CLIPVisionModel
+
+    hf = CLIPVisionModel.from_pretrained(str(smol.vision_tower_path), dtype=torch.float32).eval()
+    pixels = preprocess(load_image(DEMO_IMAGE), smol.config.vision)[None]
+    with torch.no_grad():
+        want = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        got = smol.vision(pixels)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_answers_about_the_bundled_image(smol_dir):
+    r = CliRunner().invoke(main, ["run", str(smol_dir), "--image", str(DEMO_IMAGE), "--prompt",
+                                  "What is in the picture?", "--max-new-tokens", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["conv_mode"] == "chatml_direct" and data["visual_cache"] == "miss"
+    assert data["prompt_tokens"].count(-200) == 1 and 1 <= len(data["tokens"]) <= 8
