@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from saisa_edge import __version__
+from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
 
 _ASSETS = Path(__file__).parent / "assets"
@@ -18,7 +19,7 @@ _ASSETS = Path(__file__).parent / "assets"
 class _Group(click.Group):
     """Turns SaisaError into `error: ...` and exit 2, never a traceback."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except SaisaError as e:
@@ -38,7 +39,7 @@ def main() -> None:
 @main.command("make-checkpoint")
 @click.option("--preset", type=click.Choice(["tiny", "smol"]), required=True, help="What to build.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to write.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None, help="On-disk dtype (preset default).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="On-disk dtype (preset default).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "bin"]), default="safetensors", show_default=True)
 @click.option("--shard-mb", type=click.FloatRange(min=0), default=0, help="Shard the weights at this size (0: one file).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
@@ -61,7 +62,7 @@ def make_checkpoint(preset: str, output: Path, dtype: str | None, fmt: str, shar
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="Local CLIP vision tower folder.")
 @click.option("--conv-mode", default=None, help="vicuna_v1, llama_3 or chatml_direct (default: from the tokenizer).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Compute dtype.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True, help="Compute dtype.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, help="0 (default): greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k most likely (0: all).")
@@ -73,7 +74,7 @@ def run(
     max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None, as_json: bool,
 ) -> None:
     """Answer one question about an image with the model in SOURCE (a checkpoint folder)."""
-    from saisa_edge.checkpoint.loader import DTYPES, load_checkpoint
+    from saisa_edge.checkpoint.loader import load_checkpoint
     from saisa_edge.inputs.conversation import get_template
     from saisa_edge.inputs.image import load_image, preprocess
     from saisa_edge.runtime.generate import generate

@@ -13,6 +13,7 @@ import torch
 from saisa_edge.artifacts import MANIFEST_NAME, atomic_folder, sha256_file
 from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.presets import TOWER_DIR, tiny, write_checkpoint
+from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
 
 
@@ -32,7 +33,7 @@ def test_every_form_loads_the_same_weights(tmp_path, spec, dtype, fmt, shard_mb)
     if index:
         assert len(set(json.loads(index[0].read_text())["weight_map"].values())) > 1
     ckpt = load_checkpoint(out)
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    torch_dtype = DTYPES[dtype]
     for name, want in spec.tensors.items():
         got = ckpt.lm.state_dict()[name]
         assert got.dtype == torch.float32  # computed in fp32 whatever the disk holds

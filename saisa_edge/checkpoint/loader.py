@@ -26,8 +26,6 @@ from saisa_edge.progress import track
 # projector (overwritten at every layer), a copy of the vision tower, RoPE buffers.
 _UNUSED = re.compile(r"^model\.(mm_projector|vision_tower|vision_resampler)\.|\.rotary_emb\.inv_freq$")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class Checkpoint:
@@ -67,7 +65,7 @@ def load_vision_config(folder: Path) -> VisionConfig:
     return parse_vision_config(read_json(folder / "config.json"), read_json(pre) if pre.exists() else None, where)
 
 
-def _fill(module: nn.Module, files: TensorFiles, prefix: str, dtype: torch.dtype, tied: dict[str, str]) -> None:
+def load_weights(module: nn.Module, files: TensorFiles, prefix: str, dtype: torch.dtype, tied: dict[str, str]) -> None:
     """Load every parameter of `module` from `files` (names prefixed by `prefix`), checking shapes."""
     wanted = module.state_dict(keep_vars=True)
     state: dict[str, torch.Tensor] = {}
@@ -116,8 +114,8 @@ def load_checkpoint(path: Path, vision_tower: Path | None = None, dtype: torch.d
             "describes; the weights and config.json do not belong together"
         )
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.text.tie_word_embeddings else {}
-    _fill(lm, files, "", dtype, tied)
-    _fill(tower, TensorFiles.open(tower_path), "", dtype, {})
+    load_weights(lm, files, "", dtype, tied)
+    load_weights(tower, TensorFiles.open(tower_path), "", dtype, {})
     lm.eval()
     tower.eval()
     tokenizer = PromptTokenizer.load(path)

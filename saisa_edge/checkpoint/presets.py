@@ -21,8 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from saisa_edge.artifacts import atomic_folder, write_manifest
-from saisa_edge.checkpoint.loader import DTYPES
-from saisa_edge.config import VisionConfig, parse_config, parse_vision_config
+from saisa_edge.config import DTYPES, VisionConfig, parse_config, parse_vision_config
 from saisa_edge.model.clip import ClipVisionModel
 from saisa_edge.model.llama import SaisaLM
 from saisa_edge.progress import say, track
@@ -211,7 +210,7 @@ def smol(seed: int = 0) -> CheckpointSpec:
 
 @dataclass(frozen=True)
 class Preset:
-    build: Callable[[], CheckpointSpec]
+    build: Callable[..., CheckpointSpec]
     dtype: str  # the on-disk dtype it is written in unless asked otherwise
 
 

@@ -51,6 +51,6 @@ def preprocess(img: Image.Image, cfg: VisionConfig, pad: bool = True) -> torch.T
     c = cfg.crop_size
     left, top = (size[0] - c) // 2, (size[1] - c) // 2
     img = img.crop((left, top, left + c, top + c))
-    x = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
-    x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+    mean, std = np.asarray(cfg.image_mean, np.float32), np.asarray(cfg.image_std, np.float32)
+    x = (np.asarray(img, dtype=np.float32) * np.float32(1 / 255) - mean) / std
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

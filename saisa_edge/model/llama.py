@@ -6,6 +6,9 @@ how positions attend to each other is the business of `original` and `split`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,6 +108,10 @@ class SaisaLM(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    @property
+    def layers(self) -> Sequence[DecoderLayer]:
+        return cast(Sequence[DecoderLayer], self.model.layers)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return rope.cos_sin(rope.inverse_frequencies(self.config.text), positions, dtype)

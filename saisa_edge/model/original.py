@@ -60,7 +60,7 @@ def forward(lm: SaisaLM, ids: list[int], features: torch.Tensor | None) -> torch
     mask = naavit_mask(len(before), n_visual, len(after))[None]
     cos, sin = lm.rope(torch.arange(s)[None], dtype)
 
-    for layer in lm.model.layers:
+    for layer in lm.layers:
         if features is not None:
             x[:, visual] = layer.mm_projector(features.to(dtype))
         h = layer.input_layernorm(x)

@@ -65,7 +65,7 @@ def visual_kv(lm: SaisaLM, features: torch.Tensor, start: int) -> VisualKV:
     positions = torch.arange(start, start + n).expand(features.shape[0], n)
     cos, sin = lm.rope(positions, dtype)
     keys, values = [], []
-    for layer in lm.model.layers:
+    for layer in lm.layers:
         h = layer.input_layernorm(layer.mm_projector(features))
         k, v = layer.self_attn.key_value(h, cos, sin)
         keys.append(k)
@@ -97,7 +97,7 @@ def forward_text(
         sees_image = (positions >= visual.end)[:, :, None].expand(b, t, visual.length)
         mask = torch.cat((sees_image, mask), dim=2)
     keys, values = [], []
-    for i, layer in enumerate(lm.model.layers):
+    for i, layer in enumerate(lm.layers):
         h = layer.input_layernorm(x)
         q = layer.self_attn.query(h, cos, sin)
         k_new, v_new = layer.self_attn.key_value(h, cos, sin)
