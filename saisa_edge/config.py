@@ -30,7 +30,7 @@ _IGNORED_FIELDS = frozenset(
         "mm_projector_lr", "mm_vision_tower_lr", "unfreeze_mm_vision_tower",
         "mm_use_im_patch_token", "mm_resampler_type", "tokenizer_model_max_length",
         "tokenizer_padding_side", "image_grid_pinpoints", "use_mm_proj", "mm_hidden_act",
-        "is_llava_style", "output_attentions", "output_hidden_states",
+        "is_llava_style", "bos_token_id", "output_attentions", "output_hidden_states",
         "return_dict", "chunk_size_feed_forward", "tf_legacy_loss", "use_bfloat16",
     }
 )
@@ -66,7 +66,6 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     head_dim_override: int | None = None
-    bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
 
     @property
@@ -92,7 +91,7 @@ class MultimodalConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A CLIP vision transformer and its image preprocessing."""
+    """A CLIP vision transformer and its image preprocessing; defaults: CLIP ViT-L/14-336."""
 
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -219,7 +218,6 @@ def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
         attention_bias=take("attention_bias", False, bool),
         mlp_bias=take("mlp_bias", False, bool),
         head_dim_override=take("head_dim", None),
-        bos_token_id=take("bos_token_id", None),
         eos_token_ids=eos_ids,
     )
     if text.num_attention_heads % text.num_key_value_heads:
@@ -278,13 +276,21 @@ def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
     return SaisaConfig(text=text, mm=mm)
 
 
+# transformers' CLIPVisionConfig defaults (ViT-B/32): what a field missing from a CLIP
+# config.json means. Hub configs of CLIP-L list only the fields that differ.
+_HF_CLIP_DEFAULTS = VisionConfig(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    image_size=224, patch_size=32, crop_size=224, resize_shortest_edge=224,
+)
+
+
 def parse_vision_config(raw: dict[str, Any], preprocessor: dict[str, Any] | None, where: str) -> VisionConfig:
     """A CLIP vision config (`CLIPVisionConfig`, or `CLIPConfig` with `vision_config`)."""
     vc = raw.get("vision_config", raw)
     model_type = vc.get("model_type", raw.get("model_type"))
     if model_type not in ("clip_vision_model", "clip"):
         raise SaisaError(f"{where}: model_type {model_type!r} is not a CLIP vision tower")
-    defaults = VisionConfig()
+    defaults = _HF_CLIP_DEFAULTS
     act = vc.get("hidden_act", defaults.hidden_act)
     if act not in ("quick_gelu", "gelu"):
         raise SaisaError(f"{where}: hidden_act {act!r} is not supported (quick_gelu, gelu)")

@@ -198,3 +198,29 @@ def test_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, spec):
     write_checkpoint(spec, out, dtype="fp32", force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_tower_as_full_clip_model_folder(tmp_path, tiny_dir, tiny_ckpt):
+    """A whole `CLIPModel` folder (text tower too, vision fields nested) works as the vision tower."""
+    from safetensors.torch import load_file, save_file
+
+    tower = _copy(tiny_dir / TOWER_DIR, tmp_path / "clip")
+    vision = json.loads((tower / "config.json").read_text())
+    full = {"model_type": "clip", "architectures": ["CLIPModel"], "projection_dim": 768,
+            "text_config": {"hidden_size": 32}, "vision_config": vision}
+    (tower / "config.json").write_text(json.dumps(full))
+    weights = load_file(tower / "model.safetensors")
+    weights.update({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 32),
+                    "logit_scale": torch.zeros(()), "visual_projection.weight": torch.zeros(768, 48)})
+    save_file(weights, tower / "model.safetensors")
+    ckpt = load_checkpoint(tiny_dir, vision_tower=tower)
+    assert ckpt.config.vision == tiny_ckpt.config.vision
+    pixels = torch.randn(1, 3, 56, 56)
+    torch.testing.assert_close(ckpt.vision(pixels), tiny_ckpt.vision(pixels), atol=0, rtol=0)
+
+
+def test_missing_clip_fields_mean_transformers_defaults():
+    from saisa_edge.config import parse_vision_config
+
+    cfg = parse_vision_config({"model_type": "clip_vision_model", "hidden_size": 1024}, None, "config.json")
+    assert (cfg.image_size, cfg.patch_size, cfg.num_hidden_layers, cfg.crop_size) == (224, 32, 12, 224)

@@ -69,6 +69,9 @@ def _broken(tmp_path, tiny_dir, how: str):
         (ck / "clip-vision-tower" / "config.json").write_text(json.dumps(tower))
     elif how == "shape":
         cfg["intermediate_size"] = 128
+    elif how == "shard":
+        index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+        (ck / "model.safetensors.index.json").write_text(json.dumps(index))
     (ck / "config.json").write_text(json.dumps(cfg))
     return ck
 
@@ -83,6 +86,7 @@ def _broken(tmp_path, tiny_dir, how: str):
         ("hub", "pass --vision-tower"),
         ("tower-size", "does not match the projectors' mm_hidden_size"),
         ("shape", "has shape .* but config.json implies"),
+        ("shard", "index.json: lists shard model-00002-of-00002.safetensors, which is missing"),
     ],
 )
 def test_bad_checkpoints(tmp_path, tiny_dir, how, message):
