@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from saisa_edge import IMAGE_TOKEN_INDEX
-from saisa_edge.checkpoint.loader import load_weights
-from saisa_edge.checkpoint.tensors import TensorFiles
+from saisa_edge.checkpoint.loader import load_weights, open_checkpoint
 from saisa_edge.config import RopeScaling
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.image import load_image, preprocess
@@ -140,7 +139,7 @@ def test_vision_path_equals_transformers_clip(tiny_ckpt, select_layer, feature):
     cfg = dataclasses.replace(tiny_ckpt.config, mm=mm)
     with torch.device("meta"):
         tower = ClipVisionTower(cfg)
-    load_weights(tower, TensorFiles.open(tiny_ckpt.vision_tower_path), "", torch.float32, {})
+    load_weights(tower, open_checkpoint(tiny_ckpt.path), torch.float32)
     pixels = preprocess(load_image(DEMO_IMAGE), cfg.vision)[None]
     assert tower(pixels).shape == (1, cfg.num_visual_tokens, cfg.vision.hidden_size)
     assert vision_vs_transformers(tower, tiny_ckpt.vision_tower_path, cfg, pixels) < 1e-5

@@ -65,30 +65,42 @@ def load_vision_config(folder: Path) -> VisionConfig:
     return parse_vision_config(read_json(folder / "config.json"), read_json(pre) if pre.exists() else None, where)
 
 
-def load_weights(module: nn.Module, files: TensorFiles, prefix: str, dtype: torch.dtype, tied: dict[str, str]) -> None:
-    """Load every parameter of `module` from `files` (names prefixed by `prefix`), checking shapes."""
-    wanted = module.state_dict(keep_vars=True)
-    state: dict[str, torch.Tensor] = {}
-    for name in track(wanted, f"loading {files.folder.name}", total=len(wanted)):
-        source = prefix + name
-        if source not in files.names() and name in tied:
-            continue
-        if source not in files.names():
-            raise SaisaError(f"{files.folder}: tensor {source!r} is missing; the checkpoint is incomplete")
-        tensor = files.get(source)
-        if tuple(tensor.shape) != tuple(wanted[name].shape):
+@dataclass
+class CheckpointSource:
+    """A checkpoint folder whose config and files have been checked; tensors read on demand.
+
+    The one place that maps a model tensor name to its file and checks its shape, so the
+    loader and the exporter (which streams tensors straight from the files) agree.
+    """
+
+    path: Path
+    config: SaisaConfig
+    vision_tower_path: Path
+    lm_files: TensorFiles
+    tower_files: TensorFiles
+
+    @property
+    def tied(self) -> bool:
+        return self.config.text.tie_word_embeddings
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor `name` (decoder or `vision_model.*`) as stored, checked to have `shape`."""
+        files = self.tower_files if name.startswith("vision_model.") else self.lm_files
+        if name == "lm_head.weight" and self.tied:
+            name = "model.embed_tokens.weight"
+        if name not in files.names():
+            raise SaisaError(f"{files.folder}: tensor {name!r} is missing; the checkpoint is incomplete")
+        tensor = files.get(name)
+        if tuple(tensor.shape) != tuple(shape):
             raise SaisaError(
-                f"{files.file_of(source)}: tensor {source!r} has shape {tuple(tensor.shape)}, "
-                f"but config.json implies {tuple(wanted[name].shape)}"
+                f"{files.file_of(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"but config.json implies {tuple(shape)}"
             )
-        state[name] = tensor.to(dtype)
-    for name, source in tied.items():
-        state.setdefault(name, state[source])
-    module.load_state_dict(state, assign=True, strict=True)
+        return tensor
 
 
-def load_checkpoint(path: Path, vision_tower: Path | None = None, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Read a SAISA checkpoint and its vision tower into the PyTorch reference."""
+def open_checkpoint(path: Path, vision_tower: Path | None = None) -> CheckpointSource:
+    """Check a SAISA checkpoint folder and its vision tower without reading any weights."""
     path = Path(path)
     if not path.is_dir():
         raise SaisaError(f"{path}: not a folder; expected a SAISA checkpoint folder with config.json")
@@ -102,21 +114,37 @@ def load_checkpoint(path: Path, vision_tower: Path | None = None, dtype: torch.d
             "pass the vision tower this checkpoint was trained with"
         )
     cfg = SaisaConfig(text=cfg.text, mm=cfg.mm, vision=vision_cfg)
-
     files = TensorFiles.open(path)
     with torch.device("meta"):
-        lm, tower = SaisaLM(cfg), ClipVisionTower(cfg)
-    expected = {"lm_head.weight"} | {n for n in lm.state_dict()}
+        expected = set(SaisaLM(cfg).state_dict()) | {"lm_head.weight"}
     extra = sorted(n for n in files.names() - expected if not _UNUSED.search(n))
     if extra:
         raise SaisaError(
             f"{path}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not part of the model config.json "
             "describes; the weights and config.json do not belong together"
         )
-    tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.text.tie_word_embeddings else {}
-    load_weights(lm, files, "", dtype, tied)
-    load_weights(tower, TensorFiles.open(tower_path), "", dtype, {})
+    return CheckpointSource(path, cfg, tower_path, files, TensorFiles.open(tower_path))
+
+
+def load_weights(module: nn.Module, source: CheckpointSource, dtype: torch.dtype) -> None:
+    """Fill every parameter of a meta-device `module` from `source`, converted to `dtype`."""
+    wanted = module.state_dict(keep_vars=True)
+    tied = source.tied and "lm_head.weight" in wanted
+    names = [n for n in wanted if not (tied and n == "lm_head.weight")]
+    state = {n: source.tensor(n, tuple(wanted[n].shape)).to(dtype) for n in track(names, "loading weights")}
+    if tied:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def load_checkpoint(path: Path, vision_tower: Path | None = None, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Read a SAISA checkpoint and its vision tower into the PyTorch reference."""
+    source = open_checkpoint(path, vision_tower)
+    with torch.device("meta"):
+        lm, tower = SaisaLM(source.config), ClipVisionTower(source.config)
+    load_weights(lm, source, dtype)
+    load_weights(tower, source, dtype)
     lm.eval()
     tower.eval()
-    tokenizer = PromptTokenizer.load(path)
-    return Checkpoint(path, cfg, lm, tower, tokenizer, tower_path)
+    tokenizer = PromptTokenizer.load(source.path)
+    return Checkpoint(source.path, source.config, lm, tower, tokenizer, source.vision_tower_path)
