@@ -110,7 +110,7 @@ def test_bad_requests(tmp_path, tiny_dir):
     _one_line_error(invoke("run", tiny_dir, "--image", broken, "--prompt", "Hi"), f"--image {broken}: cannot decode")
     _one_line_error(invoke("run", tiny_dir, "--prompt", "word " * 3000), "--prompt is too long")
     _one_line_error(invoke("run", tiny_dir, "--prompt", "Hi", "--conv-mode", "alpaca"), "--conv-mode 'alpaca'")
-    _one_line_error(invoke("run", tmp_path, "--prompt", "Hi"), "not a SAISA checkpoint folder")
+    _one_line_error(invoke("run", tmp_path, "--prompt", "Hi"), "neither a SAISA checkpoint .* nor an artifact folder")
     _one_line_error(invoke("run", tiny_dir, "--prompt", "Hi", "--vision-tower", tmp_path), "--vision-tower .*no config")
 
 

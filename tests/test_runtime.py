@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from saisa_edge.backends.pytorch import TorchBackend
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.image import load_image, preprocess
@@ -89,7 +90,7 @@ def test_generate_greedy_matches_original(tiny_ckpt):
     pixels = preprocess(load_image(DEMO_IMAGE), tiny_ckpt.config.vision)
     t = TEMPLATES["vicuna_v1"]
     streamed: list[str] = []
-    r = generate(tiny_ckpt, t, "What is shown?", pixels, SamplingParams(), 12, streamed.append)
+    r = generate(TorchBackend(tiny_ckpt), tiny_ckpt.tokenizer, t, "What is shown?", pixels, SamplingParams(), 12, streamed.append)
     assert r.visual_cache == "miss" and len(r.tokens) == 12 and r.finish_reason == "length"
     assert r.prompt_tokens.count(-200) == 1
     assert set(r.timings_ms) >= {"vision", "visual_kv", "prefill", "first_token", "decode", "total"}
@@ -102,12 +103,12 @@ def test_generate_greedy_matches_original(tiny_ckpt):
 
 def test_generate_text_only_and_errors(tiny_ckpt):
     t = TEMPLATES["vicuna_v1"]
-    r = generate(tiny_ckpt, t, "Hi", None, SamplingParams(), 3)
+    r = generate(TorchBackend(tiny_ckpt), tiny_ckpt.tokenizer, t, "Hi", None, SamplingParams(), 3)
     assert r.visual_cache == "none" and -200 not in r.prompt_tokens and "vision" not in r.timings_ms
     with pytest.raises(SaisaError, match="no --image"):
-        generate(tiny_ckpt, t, "<image>\nHi", None, SamplingParams(), 3)
+        generate(TorchBackend(tiny_ckpt), tiny_ckpt.tokenizer, t, "<image>\nHi", None, SamplingParams(), 3)
     with pytest.raises(SaisaError, match="--prompt is too long"):
-        generate(tiny_ckpt, t, "word " * 3000, None, SamplingParams(), 3)
+        generate(TorchBackend(tiny_ckpt), tiny_ckpt.tokenizer, t, "word " * 3000, None, SamplingParams(), 3)
 
 
 def test_generation_stops_at_context_end(tmp_path):
@@ -115,5 +116,5 @@ def test_generation_stops_at_context_end(tmp_path):
     from saisa_edge.checkpoint.presets import tiny, write_checkpoint
 
     ckpt = load_checkpoint(write_checkpoint(tiny(max_position_embeddings=80), tmp_path / "c", dtype="fp32"))
-    r = generate(ckpt, TEMPLATES["vicuna_v1"], "Hi", None, SamplingParams(), 500)
+    r = generate(TorchBackend(ckpt), ckpt.tokenizer, TEMPLATES["vicuna_v1"], "Hi", None, SamplingParams(), 500)
     assert len(r.prompt_tokens) + len(r.tokens) <= 80 + 1 and r.finish_reason in ("length", "stop")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from saisa_edge.backends.pytorch import TorchBackend
 from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.smollm2 import gguf_path, read_llama_gguf
 from saisa_edge.cli import main
@@ -59,7 +60,7 @@ def test_smol_layout(smol_dir, smol):
 
 
 def test_real_weights_answer(smol):
-    r = generate(smol, TEMPLATES["chatml_direct"], "What is the capital of France?", None, SamplingParams(), 24)
+    r = generate(TorchBackend(smol), smol.tokenizer, TEMPLATES["chatml_direct"], "What is the capital of France?", None, SamplingParams(), 24)
     assert "Paris" in r.text and r.finish_reason == "stop"
 
 

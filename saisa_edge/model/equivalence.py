@@ -30,7 +30,7 @@ def split_prefill(
     positions = [p + offset for p in positions]
     if features is not None and visual is None:
         visual = split.visual_kv(lm, features, start + offset)
-    cache = cache if cache is not None else split.TextCache.empty(lm, 1)
+    cache = cache if cache is not None else split.TextCache.empty(lm.config.text, 1, lm.lm_head.weight.dtype)
     logits, cache = split.forward_text(lm, torch.tensor([text]), torch.tensor([positions]), cache, visual)
     return logits[0], cache, visual, positions
 

@@ -14,21 +14,22 @@ from dataclasses import dataclass
 import torch
 
 from saisa_edge import IMAGE_TOKEN_INDEX
+from saisa_edge.config import TextConfig
 from saisa_edge.model.attention import attend
 from saisa_edge.model.llama import SaisaLM
 
 
 @dataclass(frozen=True)
 class VisualKV:
-    """Read-only per-image keys/values, [layers, images, kv_heads, N_v, head_dim]."""
+    """Read-only per-image keys/values, one [images, kv_heads, N_v, head_dim] per layer."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
     start: int
 
     @property
     def length(self) -> int:
-        return self.keys.shape[3]
+        return self.keys[0].shape[2]
 
     @property
     def end(self) -> int:
@@ -38,22 +39,21 @@ class VisualKV:
 
 @dataclass(frozen=True)
 class TextCache:
-    """Causal text K/V, [layers, batch, kv_heads, T, head_dim], and each entry's position [batch, T]."""
+    """Causal text K/V, one [batch, kv_heads, T, head_dim] per layer, and each entry's position [batch, T]."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
     positions: torch.Tensor
 
     @classmethod
-    def empty(cls, lm: SaisaLM, batch: int) -> "TextCache":
-        t = lm.config.text
-        shape = (t.num_hidden_layers, batch, t.num_key_value_heads, 0, t.head_dim)
-        kv = torch.zeros(shape, dtype=lm.lm_head.weight.dtype)
-        return cls(kv, kv.clone(), torch.zeros(batch, 0, dtype=torch.long))
+    def empty(cls, cfg: TextConfig, batch: int, dtype: torch.dtype) -> "TextCache":
+        kv = torch.zeros(batch, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=dtype)
+        layers = (kv,) * cfg.num_hidden_layers
+        return cls(layers, layers, torch.zeros(batch, 0, dtype=torch.long))
 
     @property
     def length(self) -> int:
-        return self.keys.shape[3]
+        return self.positions.shape[1]
 
 
 @torch.no_grad()
@@ -70,7 +70,7 @@ def visual_kv(lm: SaisaLM, features: torch.Tensor, start: int) -> VisualKV:
         k, v = layer.self_attn.key_value(h, cos, sin)
         keys.append(k)
         values.append(v)
-    return VisualKV(torch.stack(keys), torch.stack(values), start)
+    return VisualKV(tuple(keys), tuple(values), start)
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def forward_text(
             k = torch.cat((visual.keys[i].expand(b, -1, -1, -1), k), dim=2)
             v = torch.cat((visual.values[i].expand(b, -1, -1, -1), v), dim=2)
         x = layer.residual(x, attend(q, k, v, mask))
-    return lm.logits(x), TextCache(torch.stack(keys), torch.stack(values), key_pos)
+    return lm.logits(x), TextCache(tuple(keys), tuple(values), key_pos)
 
 
 def text_layout(ids: list[int], n_visual: int) -> tuple[list[int], list[int], int]:

@@ -1,4 +1,4 @@
-"""One request from prompt text and image to generated text, on the PyTorch reference.
+"""One request from prompt text and image to generated text, on any backend.
 
 Stages, each timed: vision (pixels -> features), visual_kv (features -> every layer's
 visual K/V), prefill (all prompt text in one pass), decode (one token at a time).
@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from saisa_edge import IMAGE_PLACEHOLDER
-from saisa_edge.checkpoint.loader import Checkpoint
+from saisa_edge.backends import Backend
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.conversation import Template
+from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.model import split
 from saisa_edge.runtime.sampling import SamplingParams, make_generator, sample
 from saisa_edge.runtime.stream import TextStream
@@ -29,7 +30,7 @@ class Result:
     text: str
     finish_reason: str
     visual_cache: str
-    backend: str = "torch"
+    backend: str
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -66,7 +67,8 @@ def check_fits(n_text: int, n_visual: int, context: int) -> None:
 
 @torch.no_grad()
 def generate(
-    ckpt: Checkpoint,
+    backend: Backend,
+    tokenizer: PromptTokenizer,
     template: Template,
     question: str,
     pixels: torch.Tensor | None,
@@ -84,28 +86,26 @@ def generate(
         return now
 
     prompt = template.prompt([(user_message(question, pixels is not None), None)])
-    ids = ckpt.tokenizer.encode(prompt)
-    n_visual = ckpt.config.num_visual_tokens if pixels is not None else 0
-    context = ckpt.config.text.max_position_embeddings
+    ids = tokenizer.encode(prompt)
+    n_visual = backend.config.num_visual_tokens if pixels is not None else 0
+    context = backend.max_context
     check_fits(len(ids) - (n_visual > 0), n_visual, context)
     text_ids, positions, start = split.text_layout(ids, n_visual)
 
     visual = None
     now = t0
     if pixels is not None:
-        features = ckpt.vision(pixels[None].to(ckpt.dtype))
+        features = backend.vision(pixels[None])
         now = lap("vision", now)
-        visual = split.visual_kv(ckpt.lm, features, start)
+        visual = backend.visual_kv(features, start)
         now = lap("visual_kv", now)
 
-    cache = split.TextCache.empty(ckpt.lm, 1)
-    logits, cache = split.forward_text(
-        ckpt.lm, torch.tensor([text_ids]), torch.tensor([positions]), cache, visual
-    )
+    cache = split.TextCache.empty(backend.config.text, 1, backend.dtype)
+    logits, cache = backend.forward(torch.tensor([text_ids]), torch.tensor([positions]), cache, visual)
     now = lap("prefill", now)
     gen = make_generator(params)
-    eos = {e for e in (*ckpt.config.text.eos_token_ids, ckpt.tokenizer.eos_id) if e is not None}
-    stream = TextStream(ckpt.tokenizer.decode, (template.stop,), on_text, ckpt.tokenizer.byte_ids)
+    eos = {e for e in (*backend.config.text.eos_token_ids, tokenizer.eos_id) if e is not None}
+    stream = TextStream(tokenizer.decode, (template.stop,), on_text, tokenizer.byte_ids)
     tokens: list[int] = []
     next_pos = positions[-1] + 1
     finish = "length"
@@ -122,9 +122,7 @@ def generate(
             break
         if len(tokens) >= max_new_tokens or next_pos >= context:
             break
-        logits, cache = split.forward_text(
-            ckpt.lm, torch.tensor([[token]]), torch.tensor([[next_pos]]), cache, visual
-        )
+        logits, cache = backend.forward(torch.tensor([[token]]), torch.tensor([[next_pos]]), cache, visual)
         next_pos += 1
     lap("decode", now)
     timings["total"] = (time.perf_counter() - t0) * 1000
@@ -134,5 +132,6 @@ def generate(
         text=stream.finish().strip(),
         finish_reason=finish,
         visual_cache="miss" if pixels is not None else "none",
+        backend=backend.name,
         timings_ms=timings,
     )

@@ -1,0 +1,62 @@
+"""Where each backend plugs in: the three stages a runtime needs from a model.
+
+Generation (and, later, caching) is written once against `Backend`; PyTorch runs a
+checkpoint, ONNX Runtime an artifact folder, and TensorRT engines join the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from saisa_edge.artifacts import MANIFEST_NAME
+from saisa_edge.config import SaisaConfig
+from saisa_edge.errors import SaisaError
+from saisa_edge.inputs.tokenizer import PromptTokenizer
+from saisa_edge.model.split import TextCache, VisualKV
+
+
+class Backend(Protocol):
+    name: str
+    config: SaisaConfig
+    dtype: torch.dtype
+    max_context: int
+
+    def vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [B, 3, S, S] -> selected features [B, N_v, mm_hidden]."""
+        ...
+
+    def visual_kv(self, features: torch.Tensor, start: int) -> VisualKV:
+        """Features [B, N_v, mm_hidden] -> every layer's visual K/V, RoPE from position `start`."""
+        ...
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: TextCache,
+                visual: VisualKV | None) -> tuple[torch.Tensor, TextCache]:
+        """Text ids/positions [B, T] -> logits [B, T, vocab] and the grown text cache."""
+        ...
+
+
+def open_model(source: Path, vision_tower: Path | None = None, dtype: str | None = None) -> tuple[Backend, PromptTokenizer]:
+    """A backend and tokenizer for SOURCE: an artifact folder (ONNX Runtime) or a checkpoint (PyTorch)."""
+    if (source / MANIFEST_NAME).is_file() and not (source / "config.json").is_file():
+        from saisa_edge.backends.ort import OrtBackend
+        from saisa_edge.export.artifact import read_artifact
+
+        artifact = read_artifact(source)
+        if vision_tower is not None:
+            raise SaisaError(f"--vision-tower: {source} is an artifact folder; its vision graph is built in")
+        if dtype is not None and dtype != artifact.details["dtype"]:
+            raise SaisaError(f"--dtype {dtype}: {source} was exported in {artifact.details['dtype']}; "
+                             "export again to change it")
+        return OrtBackend(artifact), PromptTokenizer.load(source)
+    if (source / "config.json").is_file():
+        from saisa_edge.backends.pytorch import TorchBackend
+        from saisa_edge.checkpoint.loader import load_checkpoint
+        from saisa_edge.config import DTYPES
+
+        ckpt = load_checkpoint(source, vision_tower, DTYPES[dtype or "fp32"])
+        return TorchBackend(ckpt), ckpt.tokenizer
+    raise SaisaError(f"SOURCE {source}: neither a SAISA checkpoint (config.json) nor an artifact folder "
+                     f"({MANIFEST_NAME})")

@@ -1,0 +1,80 @@
+"""ONNX Runtime as a backend (runs artifact folders): CPU by default, CUDA when onnxruntime-gpu is installed."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from saisa_edge.errors import SaisaError
+from saisa_edge.export.artifact import Artifact
+from saisa_edge.export import graphs as io
+from saisa_edge.model.split import TextCache, VisualKV
+
+
+def providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, artifact: Artifact):
+        self.config = artifact.config
+        self.dtype = artifact.dtype
+        self.max_context = int(artifact.details["max_context"])
+        chosen = providers()
+        if self.dtype == torch.bfloat16 and chosen == ["CPUExecutionProvider"]:
+            raise SaisaError(f"{artifact.path}: a bf16 artifact cannot run on ONNX Runtime's CPU provider (no bf16 "
+                             "kernels); export with --dtype fp32 or fp16, or build a TensorRT engine")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.sessions = {
+                name: ort.InferenceSession(str(artifact.graph(name)), options, providers=chosen)
+                for name in ("vision", "visual_kv", "decoder")
+            }
+        except Exception as e:  # ORT reports a bad graph as a generic failure
+            raise SaisaError(f"{artifact.path}: ONNX Runtime cannot load the graphs ({e})") from None
+        self._layers = self.config.text.num_hidden_layers
+        self._np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        sess = self.sessions[graph]
+        outputs = sess.run(None, feeds)
+        return {o.name: torch.from_numpy(v) for o, v in zip(sess.get_outputs(), outputs)}
+
+    def _array(self, t: torch.Tensor) -> np.ndarray:
+        return t.detach().to(self.dtype).contiguous().numpy()
+
+    def vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run("vision", {io.PIXEL_VALUES: self._array(pixels)})[io.FEATURES]
+
+    def visual_kv(self, features: torch.Tensor, start: int) -> VisualKV:
+        starts = np.full(features.shape[0], start, dtype=np.int64)
+        out = self._run("visual_kv", {io.FEATURES: self._array(features), io.VISUAL_START: starts})
+        keys = tuple(out[io.visual("key", i)] for i in range(self._layers))
+        values = tuple(out[io.visual("value", i)] for i in range(self._layers))
+        return VisualKV(keys, values, start)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: TextCache,
+                visual: VisualKV | None) -> tuple[torch.Tensor, TextCache]:
+        t = self.config.text
+        feeds = {
+            io.INPUT_IDS: ids.numpy(), io.POSITION_IDS: positions.numpy(), io.PAST_POSITIONS: cache.positions.numpy(),
+            io.VISUAL_END: np.array([visual.end if visual else 0], dtype=np.int64),
+        }
+        empty = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), dtype=self._np_dtype)
+        for i in range(self._layers):
+            feeds[io.past("key", i)] = self._array(cache.keys[i])
+            feeds[io.past("value", i)] = self._array(cache.values[i])
+            feeds[io.visual("key", i)] = self._array(visual.keys[i]) if visual else empty
+            feeds[io.visual("value", i)] = self._array(visual.values[i]) if visual else empty
+        out = self._run("decoder", feeds)
+        cache = TextCache(
+            tuple(out[io.present("key", i)] for i in range(self._layers)),
+            tuple(out[io.present("value", i)] for i in range(self._layers)),
+            out[io.PRESENT_POSITIONS],
+        )
+        return out[io.LOGITS], cache
