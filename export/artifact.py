@@ -22,7 +22,7 @@ from saisa_edge.checkpoint.loader import CheckpointSource
 from saisa_edge.config import DTYPES, MultimodalConfig, RopeScaling, SaisaConfig, TextConfig, VisionConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
-from saisa_edge.export.graph import Graph
+from saisa_edge.export.graph import EMBED_LIMIT, Graph
 from saisa_edge.export.graphs import build_decoder, build_vision, build_visual_kv
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
@@ -68,13 +68,17 @@ def _is_artifact(folder: Path) -> bool:
         return False
 
 
-def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions, force: bool = False) -> dict[str, Any]:
-    """Write the artifact folder for `source`; returns the manifest details."""
+def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions, force: bool = False,
+                    embed_limit: int = EMBED_LIMIT) -> dict[str, Any]:
+    """Write the artifact folder for `source`; returns the manifest details.
+
+    Graphs whose weights exceed `embed_limit` bytes keep them in `<graph>.onnx.data`.
+    """
     context = _check(options, source.config)
     dtype = DTYPES[options.dtype]
     tokenizer = PromptTokenizer.load(source.path)
     builders = {
-        "vision": lambda: build_vision(source, dtype),
+        "vision": lambda: build_vision(source, dtype, options.opset),
         "visual_kv": lambda: build_visual_kv(source, dtype),
         "decoder": lambda: build_decoder(source, dtype, options.attention),
     }
@@ -85,7 +89,7 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
             g: Graph = build()
             functions = [naavit.function(options.opset)] if name == "decoder" and options.attention == "custom" else []
             domains = [(naavit.DOMAIN, naavit.DOMAIN_VERSION)] if name == "decoder" and options.attention != "native" else []
-            facts = g.save(tmp / f"{name}.onnx", options.opset, functions, domains)
+            facts = g.save(tmp / f"{name}.onnx", options.opset, functions, domains, embed_limit)
             onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
             graphs[name] = {
                 "file": f"{name}.onnx", **facts,

@@ -2,7 +2,6 @@
 
 Weights are declared with their shape and read only when the file is written, one at
 a time, straight from the checkpoint: an export never holds the model in memory.
-Graphs whose weights exceed the protobuf limit go to an external data file.
 """
 
 from __future__ import annotations
@@ -22,7 +21,9 @@ from onnx import AttributeProto, FunctionProto, TensorProto, helper
 from saisa_edge.progress import track
 
 ELEM_TYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
-EMBED_LIMIT = 2**31 - 2**26  # below protobuf's 2 GiB, with room for the graph itself
+# Graphs with more weight bytes than this keep them in `<graph>.onnx.data`, written one
+# tensor at a time (memory stays at one tensor); protobuf's 2 GiB cap is far above it.
+EMBED_LIMIT = 256 * 2**20
 
 Dim = int | str
 

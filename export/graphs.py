@@ -51,7 +51,7 @@ def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def build_vision(source: CheckpointSource, dtype: torch.dtype) -> Graph:
+def build_vision(source: CheckpointSource, dtype: torch.dtype, opset: int) -> Graph:
     cfg = source.config
     v = cfg.vision
     with torch.device("meta"):
@@ -61,8 +61,12 @@ def build_vision(source: CheckpointSource, dtype: torch.dtype) -> Graph:
     el = ELEM_TYPE[dtype]
     pixels = g.input(PIXEL_VALUES, el, ["batch", v.num_channels, v.crop_size, v.crop_size])
     prefix = "vision_model.embeddings"
-    patches = g.op("Conv", pixels, w(f"{prefix}.patch_embedding.weight"), kernel_shape=[v.patch_size] * 2,
-                   strides=[v.patch_size] * 2)
+    kernel = w(f"{prefix}.patch_embedding.weight")
+    conv_bf16 = dtype != torch.bfloat16 or opset >= 22  # Conv takes bf16 from opset 22: else convolve in fp32
+    x_in, k_in = (pixels, kernel) if conv_bf16 else (g.op("Cast", pixels, to=TensorProto.FLOAT),
+                                                     g.op("Cast", kernel, to=TensorProto.FLOAT))
+    patches = g.op("Conv", x_in, k_in, kernel_shape=[v.patch_size] * 2, strides=[v.patch_size] * 2)
+    patches = patches if conv_bf16 else g.op("Cast", patches, to=el)
     patches = g.op("Transpose", g.op("Reshape", patches, g.const([0, v.hidden_size, -1])), perm=[0, 2, 1])
     batch = g.shape(pixels, 0, 1)
     cls = g.op("Expand", g.op("Reshape", w(f"{prefix}.class_embedding"), g.const([1, 1, -1])),
