@@ -40,10 +40,10 @@ class Builder:
         return f"{hint}_{self._used[hint]}"
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", name: str | None = None,
-           **attrs: Any) -> Any:
-        """Add a node; returns its output name, or a tuple of names when `outputs` > 1."""
+           out: str | None = None, **attrs: Any) -> Any:
+        """Add a node; returns its output name (`out` if given), or a tuple of names when `outputs` > 1."""
         hint = name or op_type
-        outs = [self.fresh(hint) for _ in range(outputs)]
+        outs = [out] if out else [self.fresh(hint) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{hint}_node"),
                                            domain=domain, **attrs))
         return outs[0] if outputs == 1 else tuple(outs)

@@ -39,12 +39,12 @@ import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
 from saisa_edge.export.graph import Builder
+from saisa_edge.model.split import PAD_POSITION
 
 DOMAIN = "saisa"
 DOMAIN_VERSION = 1
 OP_TYPE = "NAAViTAttention"
 PLUGIN_VERSION = "1"
-PAD_POSITION = 2**30
 INPUTS = ("query", "key", "value", "visual_key", "visual_value", "query_pos", "key_pos", "visual_end")
 ATTRIBUTES = ("num_heads", "num_kv_heads", "head_size", "scale", "plugin_namespace", "plugin_version")
 VARIANTS = ("custom", "plugin", "native")
@@ -91,8 +91,7 @@ def function(opset: int) -> FunctionProto:
     neg_inf = b.const(-np.inf, np.float32)
     probs = b.op("Softmax", b.op("Where", b.op("Unsqueeze", mask, b.const([1])), scores, neg_inf), axis=-1)
     out5 = b.op("MatMul", b.op("CastLike", probs, q), v5)
-    b.op("Reshape", out5, b.shape(q, 0), name="out")
-    b.nodes[-1].output[0] = "out"
+    b.op("Reshape", out5, b.shape(q, 0), out="out")
     return helper.make_function(
         DOMAIN, OP_TYPE, list(INPUTS), ["out"], b.nodes,
         opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),

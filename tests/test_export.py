@@ -237,7 +237,7 @@ def test_bad_options(tmp_path, tiny_dir, options, message):
     assert not (tmp_path / "b").exists()
 
 
-def test_damaged_artifacts_are_refused(tmp_path, artifacts, tiny_dir):
+def test_damaged_artifacts_are_refused(tmp_path, tiny_dir):
     out = tmp_path / "d"
     export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())
     copy = shutil.copytree(out, tmp_path / "c1")
@@ -297,7 +297,7 @@ def test_cli_export_errors(tmp_path, tiny_dir, args, message):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.output
 
 
-def test_cli_run_artifact_flag_conflicts(tmp_path, artifacts, tiny_dir):
+def test_cli_run_artifact_flag_conflicts(tmp_path, tiny_dir):
     out = tmp_path / "a"
     export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())
     r = CliRunner().invoke(main, ["run", str(out), "--prompt", "x", "--dtype", "fp16"])

@@ -56,14 +56,14 @@ class OrtBackend:
         out = self._run("visual_kv", {io.FEATURES: self._array(features), io.VISUAL_START: starts})
         keys = tuple(out[io.visual("key", i)] for i in range(self._layers))
         values = tuple(out[io.visual("value", i)] for i in range(self._layers))
-        return VisualKV(keys, values, start)
+        return VisualKV(keys, values, torch.from_numpy(starts))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: TextCache,
                 visual: VisualKV | None) -> tuple[torch.Tensor, TextCache]:
         t = self.config.text
         feeds = {
             io.INPUT_IDS: ids.numpy(), io.POSITION_IDS: positions.numpy(), io.PAST_POSITIONS: cache.positions.numpy(),
-            io.VISUAL_END: np.array([visual.end if visual else 0], dtype=np.int64),
+            io.VISUAL_END: visual.ends.numpy() if visual else np.zeros(1, dtype=np.int64),
         }
         empty = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), dtype=self._np_dtype)
         for i in range(self._layers):

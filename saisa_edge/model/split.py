@@ -4,7 +4,8 @@ For layer l the visual keys and values are a function of the image and of the
 position of its first token only, so they are computed once and then read as a
 fixed, all-visible segment by every text token after the image. Text tokens keep
 an ordinary causal K/V cache. Which text token may see the visual segment follows
-from positions alone: exactly those at or after `VisualKV.end`.
+from positions alone: exactly those at or after the image's end. Padding, too, is a
+position: PAD_POSITION, after every real token, so no real query ever sees it.
 """
 
 from __future__ import annotations
@@ -15,26 +16,56 @@ import torch
 
 from saisa_edge import IMAGE_TOKEN_INDEX
 from saisa_edge.config import TextConfig
+from saisa_edge.model import rope
 from saisa_edge.model.attention import attend
 from saisa_edge.model.llama import SaisaLM
+
+PAD_POSITION = 2**30
+"""Position of padding tokens (and the end of a missing image): after every real position."""
 
 
 @dataclass(frozen=True)
 class VisualKV:
-    """Read-only per-image keys/values, one [images, kv_heads, N_v, head_dim] per layer."""
+    """Read-only per-image keys/values, one [images, kv_heads, N_v, head_dim] per layer,
+    and each image's first position [images] (1 image: shared by a whole batch)."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
-    start: int
+    starts: torch.Tensor
 
     @property
     def length(self) -> int:
         return self.keys[0].shape[2]
 
     @property
-    def end(self) -> int:
-        """Position of the first text token after the image."""
-        return self.start + self.length
+    def ends(self) -> torch.Tensor:
+        """Position of the first text token after each image."""
+        return self.starts + self.length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def moved_to(self, cfg: TextConfig, start: int) -> "VisualKV":
+        """The same image placed at `start`: RoPE_{s+d}(k) = R(d) RoPE_s(k), values unchanged."""
+        delta = start - int(self.starts[0])
+        if len(self.starts) != 1:
+            raise ValueError("only a single image's K/V can be moved")
+        if delta == 0:
+            return self
+        cos, sin = rope.cos_sin(rope.inverse_frequencies(cfg), torch.tensor([[delta]]), torch.float32)
+        keys = tuple(rope.apply(k.float(), cos, sin).to(k.dtype) for k in self.keys)
+        return VisualKV(keys, self.values, torch.tensor([start]))
+
+    @staticmethod
+    def batch(rows: "list[VisualKV | None]") -> "VisualKV":
+        """One image per batch row (zeros and PAD_POSITION where a row has none)."""
+        some = next(r for r in rows if r is not None)
+        blank = [torch.zeros_like(k) for k in some.keys]
+        keys = tuple(torch.cat([r.keys[i] if r else blank[i] for r in rows]) for i in range(len(blank)))
+        values = tuple(torch.cat([r.values[i] if r else blank[i] for r in rows]) for i in range(len(blank)))
+        starts = torch.cat([r.starts if r else torch.tensor([PAD_POSITION - some.length]) for r in rows])
+        return VisualKV(keys, values, starts)
 
 
 @dataclass(frozen=True)
@@ -70,7 +101,7 @@ def visual_kv(lm: SaisaLM, features: torch.Tensor, start: int) -> VisualKV:
         k, v = layer.self_attn.key_value(h, cos, sin)
         keys.append(k)
         values.append(v)
-    return VisualKV(tuple(keys), tuple(values), start)
+    return VisualKV(tuple(keys), tuple(values), torch.full((features.shape[0],), start))
 
 
 @torch.no_grad()
@@ -84,7 +115,7 @@ def forward_text(
     """Text tokens ids [B, T] at positions [B, T] -> logits [B, T, vocab] and the grown cache.
 
     The two key segments: `visual` (shared by the batch when it holds one image,
-    visible to queries at or after `visual.end`) and the text cache plus the new
+    visible to queries at or after the image's end) and the text cache plus the new
     tokens (visible where the key's position is not after the query's).
     """
     dtype = lm.lm_head.weight.dtype
@@ -94,7 +125,7 @@ def forward_text(
     key_pos = torch.cat((cache.positions, positions), dim=1)
     mask = key_pos[:, None, :] <= positions[:, :, None]
     if visual is not None:
-        sees_image = (positions >= visual.end)[:, :, None].expand(b, t, visual.length)
+        sees_image = (positions >= visual.ends[:, None])[:, :, None].expand(b, t, visual.length)
         mask = torch.cat((sees_image, mask), dim=2)
     keys, values = [], []
     for i, layer in enumerate(lm.layers):
