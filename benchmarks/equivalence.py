@@ -27,7 +27,7 @@ from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model.equivalence import (
     greedy, split_vs_original, text_as_image_vs_transformers, text_vs_transformers, vision_vs_transformers,
 )
-from saisa_edge.runtime.generate import user_message
+from saisa_edge.runtime.session import user_message
 
 IMAGE = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets" / "demo.png"
 

@@ -32,7 +32,7 @@ from saisa_edge.inputs.conversation import get_template
 from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model import split
 from saisa_edge.model.split import TextCache
-from saisa_edge.runtime.generate import user_message
+from saisa_edge.runtime.session import user_message
 
 IMAGE = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets" / "demo.png"
 

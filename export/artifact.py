@@ -126,6 +126,7 @@ class Artifact:
     path: Path
     config: SaisaConfig
     details: dict[str, Any]
+    files: dict[str, Any]  # name -> {sha256, bytes}, from the manifest
 
     @property
     def dtype(self) -> torch.dtype:
@@ -165,4 +166,4 @@ def read_artifact(path: Path, verify: bool = True) -> Artifact:
         if file.stat().st_size != entry["bytes"] or (verify and sha256_file(file) != entry["sha256"]):
             raise SaisaError(f"{file}: does not match its checksum in {MANIFEST_NAME}; export the artifact again")
     details = manifest["details"]
-    return Artifact(path, config_from_json(details["config"]), details)
+    return Artifact(path, config_from_json(details["config"]), details, manifest["files"])

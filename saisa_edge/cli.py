@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from saisa_edge import __version__
+from saisa_edge.backends import BACKENDS
 from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
 
@@ -56,51 +59,130 @@ def make_checkpoint(preset: str, output: Path, dtype: str | None, fmt: str, shar
     say(f"wrote {preset} checkpoint to {output} in {time.perf_counter() - t0:.1f} s")
 
 
-@main.command()
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option("--image", type=click.Path(path_type=Path), default=None, help="Image file (JPEG, PNG, WebP, BMP, GIF).")
-@click.option("--prompt", required=True, help="The question.")
-@click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="Local CLIP vision tower folder.")
-@click.option("--conv-mode", default=None, help="vicuna_v1, llama_3 or chatml_direct (default: from the tokenizer).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
-              help="Compute dtype of a checkpoint (default fp32); an artifact has its own.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, help="0 (default): greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k most likely (0: all).")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0)
-@click.option("--seed", type=int, default=None, help="Seed for sampling.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def run(
-    source: Path, image: Path | None, prompt: str, vision_tower: Path | None, conv_mode: str | None,
-    dtype: str | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None,
-    as_json: bool,
-) -> None:
-    """Answer one question about an image with SOURCE: a checkpoint (PyTorch) or an artifact (ONNX Runtime)."""
+def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by the commands that run a model."""
+    options = [
+        click.argument("source", type=click.Path(path_type=Path)),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     help="auto: ONNX Runtime for an artifact folder, PyTorch for a checkpoint."),
+        click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
+                     help="Local CLIP vision tower folder (checkpoints)."),
+        click.option("--conv-mode", default=None, help="vicuna_v1, llama_3 or chatml_direct (default: from the tokenizer)."),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+                     help="Compute dtype of a checkpoint (default fp32); an artifact has its own."),
+        click.option("--cache-mb", type=click.FloatRange(min=0), default=1024, show_default=True,
+                     help="Memory budget of the visual K/V cache."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Keep visual K/V on disk here, for later runs and other processes."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, help="0 (default): greedy."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k most likely (0: all)."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0),
+        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _session(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
+             cache_mb: float, cache_dir: Path | None) -> tuple[Any, float]:
     from saisa_edge.backends import open_model
     from saisa_edge.inputs.conversation import get_template
-    from saisa_edge.inputs.image import load_image, preprocess
-    from saisa_edge.runtime.generate import generate
-    from saisa_edge.runtime.sampling import SamplingParams
+    from saisa_edge.runtime.session import Session
+    from saisa_edge.runtime.visual_cache import VisualCache
 
-    img = load_image(image) if image is not None else None
     t0 = time.perf_counter()
-    backend, tokenizer = open_model(source, vision_tower, dtype)
-    load_ms = (time.perf_counter() - t0) * 1000
+    model, tokenizer = open_model(source, backend, vision_tower, dtype)
     template = get_template(conv_mode or tokenizer.default_conv_mode())
-    cfg = backend.config
-    pixels = preprocess(img, cfg.vision, cfg.mm.image_aspect_ratio == "pad") if img else None
-    params = SamplingParams(temperature, top_k, top_p, seed)
+    cache = VisualCache(model.config.text, model.identity, model.dtype, int(cache_mb * 2**20), cache_dir)
+    return Session(model, tokenizer, template, cache), (time.perf_counter() - t0) * 1000
 
-    def echo(piece: str) -> None:
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
 
-    result = generate(backend, tokenizer, template, prompt, pixels, params, max_new_tokens, None if as_json else echo)
+def _pixels(session: Any, image: Path) -> Any:
+    from saisa_edge.inputs.image import load_image, preprocess
+
+    cfg = session.backend.config
+    return preprocess(load_image(image), cfg.vision, cfg.mm.image_aspect_ratio == "pad")
+
+
+def _echo(piece: str) -> None:
+    click.echo(piece, nl=False)
+    sys.stdout.flush()
+
+
+@main.command()
+@_source_options
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="Image file (JPEG, PNG, WebP, BMP, GIF).")
+@click.option("--prompt", required=True, help="The question.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def run(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
+        cache_mb: float, cache_dir: Path | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+        seed: int | None, image: Path | None, prompt: str, as_json: bool) -> None:
+    """Answer one question about an image with SOURCE: an artifact folder or a checkpoint."""
+    from saisa_edge.inputs.image import load_image
+    from saisa_edge.runtime.sampling import SamplingParams
+    from saisa_edge.runtime.session import Request
+
+    if image is not None:
+        load_image(image)  # a broken image fails before the model loads
+    session, load_ms = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir)
+    pixels = _pixels(session, image) if image is not None else None
+    request = Request(prompt, pixels, SamplingParams(temperature, top_k, top_p, seed), max_new_tokens)
+    result = session.generate(request, None if as_json else _echo)
     result.timings_ms = {"load": load_ms, **result.timings_ms}
     if as_json:
-        click.echo(json.dumps({**result.as_json(), "conv_mode": template.name}))
+        cache = session.cache
+        click.echo(json.dumps({**result.as_json(), "conv_mode": session.template.name,
+                               "cache": {"bytes": cache.nbytes, "entries": len(cache),
+                                         "persistent": str(cache.folder) if cache.folder else None}}))
     else:
         click.echo()
+
+
+@main.command()
+@_source_options
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="Image to talk about (/image to switch).")
+def chat(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
+         cache_mb: float, cache_dir: Path | None, max_new_tokens: int, temperature: float, top_k: int,
+         top_p: float, seed: int | None, image: Path | None) -> None:
+    """A conversation in the terminal. /image PATH switches image, /reset starts over, /stats, /quit."""
+    from saisa_edge.runtime.sampling import SamplingParams
+
+    session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir)
+    conversation = session.chat(_pixels(session, image) if image is not None else None)
+    params = SamplingParams(temperature, top_k, top_p, seed)
+    last: dict[str, Any] = {}
+    click.echo("saisa-edge chat: /image PATH, /reset, /stats, /quit", err=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        command, _, arg = line.partition(" ")
+        try:
+            if command == "/quit":
+                break
+            if command == "/reset":
+                conversation.reset(conversation.pixels)
+                click.echo("(conversation reset)")
+            elif command == "/image":
+                conversation.reset(_pixels(session, Path(arg.strip())))
+                click.echo(f"(new image: {arg.strip()}; conversation reset)")
+            elif command == "/stats":
+                c = session.cache
+                click.echo(json.dumps({"turns": len(conversation.turns), "last": last,
+                                       "cache": {"bytes": c.nbytes, "entries": len(c), **vars(c.stats)}}))
+            elif command.startswith("/"):
+                click.echo(f"unknown command {command}; /image PATH, /reset, /stats, /quit")
+            else:
+                result = conversation.ask(line, params, max_new_tokens, _echo)
+                click.echo()
+                last = {"visual_cache": result.visual_cache, **result.as_json()["timings_ms"]}
+        except SaisaError as e:  # a bad image or an over-long turn ends the turn, not the chat
+            click.echo(f"error: {e}", err=True)
 
 
 @main.command()

@@ -21,4 +21,9 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
 
 def say(message: str) -> None:
     """A status line on stderr."""
-    _console.print(message, highlight=False)
+    _console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr: something was skipped, the work goes on."""
+    _console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)

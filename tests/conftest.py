@@ -49,3 +49,10 @@ def tiny_gqa_ckpt(tiny_gqa_dir):
 @pytest.fixture(params=["mha", "gqa"])
 def ckpt(request, tiny_ckpt, tiny_gqa_ckpt):
     return tiny_ckpt if request.param == "mha" else tiny_gqa_ckpt
+
+
+def generate(backend, tokenizer, template, question, pixels, params, max_new_tokens, on_text=None):
+    """One request on a fresh session (no caches)."""
+    from saisa_edge.runtime.session import Request, Session
+
+    return Session(backend, tokenizer, template).generate(Request(question, pixels, params, max_new_tokens), on_text)

@@ -24,9 +24,8 @@ from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model import split
 from saisa_edge.model.split import TextCache
-from saisa_edge.runtime.generate import generate
+from tests.conftest import DEMO_IMAGE, generate
 from saisa_edge.runtime.sampling import SamplingParams
-from tests.conftest import DEMO_IMAGE
 
 FP32_BOUND = 1e-4  # ONNX Runtime reorders fp32 sums; logits are O(1)
 

@@ -10,10 +10,9 @@ from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model import original
-from saisa_edge.runtime.generate import generate
+from tests.conftest import DEMO_IMAGE, generate
 from saisa_edge.runtime.sampling import SamplingParams, make_generator, sample
 from saisa_edge.runtime.stream import TextStream
-from tests.conftest import DEMO_IMAGE
 
 LOGITS = torch.tensor([0.0, 3.0, 2.5, -1.0, 2.9])
 

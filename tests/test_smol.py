@@ -16,9 +16,8 @@ from saisa_edge.cli import main
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model.equivalence import text_as_image_vs_transformers, vision_vs_transformers
-from saisa_edge.runtime.generate import generate
+from tests.conftest import DEMO_IMAGE, generate
 from saisa_edge.runtime.sampling import SamplingParams
-from tests.conftest import DEMO_IMAGE
 
 pytestmark = pytest.mark.slow
 

@@ -23,6 +23,7 @@ class Backend(Protocol):
     config: SaisaConfig
     dtype: torch.dtype
     max_context: int
+    identity: str  # changes whenever the image path's weights or graphs do (keys the visual cache)
 
     def vision(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels [B, 3, S, S] -> selected features [B, N_v, mm_hidden]."""
@@ -38,13 +39,27 @@ class Backend(Protocol):
         ...
 
 
-def open_model(source: Path, vision_tower: Path | None = None, dtype: str | None = None) -> tuple[Backend, PromptTokenizer]:
-    """A backend and tokenizer for SOURCE: an artifact folder (ONNX Runtime) or a checkpoint (PyTorch)."""
-    if (source / MANIFEST_NAME).is_file() and not (source / "config.json").is_file():
-        from saisa_edge.backends.ort import OrtBackend
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+def open_model(source: Path, backend: str = "auto", vision_tower: Path | None = None,
+               dtype: str | None = None) -> tuple[Backend, PromptTokenizer]:
+    """A backend and tokenizer for SOURCE: an artifact folder (ONNX Runtime by default; `torch`
+    runs the checkpoint it was exported from) or a checkpoint (PyTorch)."""
+    is_artifact = (source / MANIFEST_NAME).is_file() and not (source / "config.json").is_file()
+    if is_artifact:
         from saisa_edge.export.artifact import read_artifact
 
         artifact = read_artifact(source)
+        if backend == "torch":
+            checkpoint = Path(artifact.details["source"]["checkpoint"])
+            if not (checkpoint / "config.json").is_file():
+                raise SaisaError(f"--backend torch: {source} was exported from {checkpoint}, which is gone; "
+                                 "pass that checkpoint folder as SOURCE instead")
+            tower = Path(artifact.details["source"]["vision_tower"])
+            return _torch(checkpoint, vision_tower or tower, dtype or artifact.details["dtype"])
+        from saisa_edge.backends.ort import OrtBackend
+
         if vision_tower is not None:
             raise SaisaError(f"--vision-tower: {source} is an artifact folder; its vision graph is built in")
         if dtype is not None and dtype != artifact.details["dtype"]:
@@ -52,11 +67,17 @@ def open_model(source: Path, vision_tower: Path | None = None, dtype: str | None
                              "export again to change it")
         return OrtBackend(artifact), PromptTokenizer.load(source)
     if (source / "config.json").is_file():
-        from saisa_edge.backends.pytorch import TorchBackend
-        from saisa_edge.checkpoint.loader import load_checkpoint
-        from saisa_edge.config import DTYPES
-
-        ckpt = load_checkpoint(source, vision_tower, DTYPES[dtype or "fp32"])
-        return TorchBackend(ckpt), ckpt.tokenizer
+        if backend == "onnxruntime":
+            raise SaisaError(f"--backend onnxruntime: {source} is a checkpoint; run `saisa-edge export` first")
+        return _torch(source, vision_tower, dtype or "fp32")
     raise SaisaError(f"SOURCE {source}: neither a SAISA checkpoint (config.json) nor an artifact folder "
                      f"({MANIFEST_NAME})")
+
+
+def _torch(checkpoint: Path, vision_tower: Path | None, dtype: str) -> tuple[Backend, PromptTokenizer]:
+    from saisa_edge.backends.pytorch import TorchBackend
+    from saisa_edge.checkpoint.loader import load_checkpoint
+    from saisa_edge.config import DTYPES
+
+    ckpt = load_checkpoint(checkpoint, vision_tower, DTYPES[dtype])
+    return TorchBackend(ckpt), ckpt.tokenizer

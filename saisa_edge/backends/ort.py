@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnxruntime as ort
 import torch
@@ -24,6 +26,7 @@ class OrtBackend:
         self.config = artifact.config
         self.dtype = artifact.dtype
         self.max_context = int(artifact.details["max_context"])
+        self.identity = f"onnxruntime:{_image_path_digest(artifact)}"
         chosen = providers()
         if self.dtype == torch.bfloat16 and chosen == ["CPUExecutionProvider"]:
             raise SaisaError(f"{artifact.path}: a bf16 artifact cannot run on ONNX Runtime's CPU provider (no bf16 "
@@ -78,3 +81,12 @@ class OrtBackend:
             out[io.PRESENT_POSITIONS],
         )
         return out[io.LOGITS], cache
+
+
+def _image_path_digest(artifact: Artifact) -> str:
+    """Checksums (from the manifest) of the graphs an image goes through."""
+    h = hashlib.sha256()
+    for name in sorted(artifact.files):
+        if name.startswith(("vision.onnx", "visual_kv.onnx")):
+            h.update(f"{name}|{artifact.files[name]['sha256']}\n".encode())
+    return h.hexdigest()

@@ -86,6 +86,11 @@ class TextCache:
     def length(self) -> int:
         return self.positions.shape[1]
 
+    def truncated(self, n: int) -> "TextCache":
+        """The first `n` entries (views, no copies)."""
+        return TextCache(tuple(k[:, :, :n] for k in self.keys), tuple(v[:, :, :n] for v in self.values),
+                         self.positions[:, :n])
+
 
 @torch.no_grad()
 def visual_kv(lm: SaisaLM, features: torch.Tensor, start: int) -> VisualKV:
