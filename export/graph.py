@@ -106,7 +106,9 @@ class Graph(Builder):
         return name
 
     def output(self, value: str, name: str, elem_type: int, dims: Sequence[Dim]) -> None:
-        self.nodes.append(helper.make_node("Identity", [value], [name], name=self.fresh("output")))
+        """Declare `value` a graph output called `name` (best made by `op(..., out=name)`: no copy)."""
+        if value != name:
+            self.nodes.append(helper.make_node("Identity", [value], [name], name=self.fresh("output")))
         self.outputs.append(ValueSpec(name, elem_type, tuple(dims)))
 
     def weight(self, name: str, shape: Sequence[int], dtype: torch.dtype, load: Callable[[], torch.Tensor]) -> str:

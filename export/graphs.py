@@ -23,8 +23,8 @@ from saisa_edge.config import SaisaConfig
 from saisa_edge.export import naavit
 from saisa_edge.export.graph import ELEM_TYPE, Graph
 from saisa_edge.export.layers import (
-    Weights, apply_rope, from_heads, gelu, layer_norm, linear, projector, quick_gelu, rms_norm, rope_tables,
-    to_heads,
+    Weights, apply_rope, from_heads, gelu, layer_norm, linear, linears, projector, quick_gelu, rms_norm,
+    rope_tables, rotate_half_matrix, to_heads,
 )
 from saisa_edge.model.clip import ClipVisionTower
 from saisa_edge.model.llama import SaisaLM
@@ -86,7 +86,7 @@ def build_vision(source: CheckpointSource, dtype: torch.dtype, opset: int) -> Gr
         h = layer_norm(g, w, x, f"{p}.layer_norm2", v.layer_norm_eps)
         x = g.op("Add", x, linear(g, w, act(g, linear(g, w, h, f"{p}.mlp.fc1")), f"{p}.mlp.fc2"))
     if cfg.mm.select_feature == "patch":
-        x = g.op("Slice", x, g.const([1]), g.const([2**62]), g.const([1]))
+        x = g.op("Slice", x, g.const([1]), g.const([2**62]), g.const([1]), out=FEATURES)
     g.output(x, FEATURES, el, ["batch", cfg.num_visual_tokens, v.hidden_size])
     return g
 
@@ -109,14 +109,15 @@ def build_visual_kv(source: CheckpointSource, dtype: torch.dtype) -> Graph:
     steps = g.op("Range", g.const(0), g.op("Squeeze", n), g.const(1))
     positions = g.op("Add", g.op("Unsqueeze", start, g.const([1])), g.op("Unsqueeze", steps, g.const([0])))
     cos, sin = rope_tables(g, t, positions, dtype)
+    rotate = rotate_half_matrix(g, t.head_dim, dtype)
     dims = ["batch", t.num_key_value_heads, "visual_length", t.head_dim]
     for i in range(t.num_hidden_layers):
         p = f"model.layers.{i}"
         h = rms_norm(g, w, projector(g, w, feats, f"{p}.mm_projector", cfg.mm.projector_depth),
                      f"{p}.input_layernorm", t.rms_norm_eps)
-        k = apply_rope(g, to_heads(g, linear(g, w, h, f"{p}.self_attn.k_proj"), t.num_key_value_heads, t.head_dim),
-                       cos, sin)
-        v = to_heads(g, linear(g, w, h, f"{p}.self_attn.v_proj"), t.num_key_value_heads, t.head_dim)
+        k, v = linears(g, w, h, [f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"], f"{p}.self_attn.kv_proj")
+        k = apply_rope(g, to_heads(g, k, t.num_key_value_heads, t.head_dim), cos, sin, rotate, out=visual("key", i))
+        v = to_heads(g, v, t.num_key_value_heads, t.head_dim, out=visual("value", i))
         g.output(k, visual("key", i), el, dims)
         g.output(v, visual("value", i), el, dims)
     return g
@@ -133,10 +134,11 @@ def build_decoder(source: CheckpointSource, dtype: torch.dtype, attention: str) 
     pos = g.input(POSITION_IDS, I64, ["batch", "query_length"])
     past_pos = g.input(PAST_POSITIONS, I64, ["batch", "past_length"])
     vis_end = g.input(VISUAL_END, I64, ["visual_batch"])
-    key_pos = g.op("Concat", past_pos, pos, axis=1)
+    key_pos = g.op("Concat", past_pos, pos, axis=1, out=PRESENT_POSITIONS)
     g.output(key_pos, PRESENT_POSITIONS, I64, ["batch", "total_length"])
     x = g.op("Gather", w("model.embed_tokens.weight"), ids, axis=0)
     cos, sin = rope_tables(g, t, pos, dtype)
+    rotate = rotate_half_matrix(g, d, dtype)
     attrs = naavit.attributes(t.num_attention_heads, kvh, d)
     for i in range(t.num_hidden_layers):
         p = f"model.layers.{i}"
@@ -145,23 +147,25 @@ def build_decoder(source: CheckpointSource, dtype: torch.dtype, attention: str) 
         past_k, past_v = g.input(past("key", i), el, cache_dims), g.input(past("value", i), el, cache_dims)
         vis_k, vis_v = g.input(visual("key", i), el, visual_dims), g.input(visual("value", i), el, visual_dims)
         h = rms_norm(g, w, x, f"{p}.input_layernorm", t.rms_norm_eps)
-        q = apply_rope(g, to_heads(g, linear(g, w, h, f"{p}.self_attn.q_proj"), t.num_attention_heads, d), cos, sin)
-        k = apply_rope(g, to_heads(g, linear(g, w, h, f"{p}.self_attn.k_proj"), kvh, d), cos, sin)
-        v = to_heads(g, linear(g, w, h, f"{p}.self_attn.v_proj"), kvh, d)
-        k_all, v_all = g.op("Concat", past_k, k, axis=2), g.op("Concat", past_v, v, axis=2)
+        q, k, v = linears(g, w, h, [f"{p}.self_attn.{n}_proj" for n in "qkv"], f"{p}.self_attn.qkv_proj")
+        q = apply_rope(g, to_heads(g, q, t.num_attention_heads, d), cos, sin, rotate)
+        k = apply_rope(g, to_heads(g, k, kvh, d), cos, sin, rotate)
+        v = to_heads(g, v, kvh, d)
+        k_all = g.op("Concat", past_k, k, axis=2, out=present("key", i))
+        v_all = g.op("Concat", past_v, v, axis=2, out=present("value", i))
         g.output(k_all, present("key", i), el, ["batch", kvh, "total_length", d])
         g.output(v_all, present("value", i), el, ["batch", kvh, "total_length", d])
         attn = naavit.emit(g, attention, (q, k_all, v_all, vis_k, vis_v, pos, key_pos, vis_end), attrs)
         x = g.op("Add", x, linear(g, w, from_heads(g, attn), f"{p}.self_attn.o_proj"))
         h = rms_norm(g, w, x, f"{p}.post_attention_layernorm", t.rms_norm_eps)
-        gate = linear(g, w, h, f"{p}.mlp.gate_proj")
+        gate, up = linears(g, w, h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
         silu = g.op("Mul", gate, g.op("Sigmoid", gate), name="silu")
-        x = g.op("Add", x, linear(g, w, g.op("Mul", silu, linear(g, w, h, f"{p}.mlp.up_proj")), f"{p}.mlp.down_proj"))
+        x = g.op("Add", x, linear(g, w, g.op("Mul", silu, up), f"{p}.mlp.down_proj"))
     x = rms_norm(g, w, x, "model.norm", t.rms_norm_eps)
     if t.tie_word_embeddings:  # read the embedding once; no transposed copy in the file
         logits = g.op("MatMul", x, g.op("Transpose", w("model.embed_tokens.weight"), perm=[1, 0]))
     else:
         logits = linear(g, w, x, "lm_head")
-    logits = g.op("Cast", logits, to=TensorProto.FLOAT)
+    logits = g.op("Cast", logits, to=TensorProto.FLOAT, out=LOGITS)
     g.output(logits, LOGITS, TensorProto.FLOAT, ["batch", "query_length", t.vocab_size])
     return g

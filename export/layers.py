@@ -42,18 +42,43 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in self.shapes
 
+    def joined(self, name: str, parts: list[str], transpose: bool) -> str:
+        """One initializer `name` holding `parts` side by side (last axis), read part by part."""
+        shapes = [tuple(reversed(self.shapes[p])) if transpose else self.shapes[p] for p in parts]
+
+        def load() -> torch.Tensor:
+            tensors = [self.source.tensor(p, self.shapes[p]) for p in parts]
+            return torch.cat([t.T if transpose else t for t in tensors], dim=-1)
+
+        declared = (*shapes[0][:-1], sum(sh[-1] for sh in shapes))
+        return self.g.weight(name, declared, self.dtype, load)
+
 
 def linear(g: Graph, w: Weights, x: str, prefix: str) -> str:
     y = g.op("MatMul", x, w(f"{prefix}.weight", transpose=True), name=prefix.rsplit(".", 1)[-1])
     return g.op("Add", y, w(f"{prefix}.bias")) if w.has(f"{prefix}.bias") else y
 
 
+def linears(g: Graph, w: Weights, x: str, prefixes: list[str], name: str) -> tuple[str, ...]:
+    """Several projections of the same input as one MatMul (one pass over x, one larger
+    weight read: what bandwidth-bound decoding wants), split back into their outputs."""
+    weights = w.joined(f"{name}.weight", [f"{p}.weight" for p in prefixes], transpose=True)
+    y = g.op("MatMul", x, weights, name=name.rsplit(".", 1)[-1])
+    if w.has(f"{prefixes[0]}.bias"):
+        y = g.op("Add", y, w.joined(f"{name}.bias", [f"{p}.bias" for p in prefixes], transpose=False))
+    sizes = [w.shapes[f"{p}.weight"][0] for p in prefixes]
+    return tuple(g.op("Split", y, g.const(sizes), axis=-1, outputs=len(sizes)))
+
+
 def rms_norm(g: Graph, w: Weights, x: str, prefix: str, eps: float) -> str:
-    """As HF LLaMA: normalise in fp32, cast back, then scale."""
-    x32 = g.op("Cast", x, to=TensorProto.FLOAT)
-    var = g.op("ReduceMean", g.op("Mul", x32, x32), g.const([-1]), keepdims=1)
-    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
-    return g.op("Mul", w(f"{prefix}.weight"), g.op("CastLike", g.op("Mul", x32, inv), x), name="rms_norm")
+    """As HF LLaMA: normalise in fp32, cast back, then scale; written in the
+    Pow/ReduceMean/Add/Sqrt/Div/Mul form that ONNX Runtime and TensorRT fuse into one kernel."""
+    cast = w.dtype != torch.float32
+    x32 = g.op("Cast", x, to=TensorProto.FLOAT) if cast else x
+    var = g.op("ReduceMean", g.op("Pow", x32, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+    normed = g.op("Div", x32, g.op("Sqrt", g.op("Add", var, g.const(eps, np.float32))))
+    normed = g.op("Cast", normed, to=ELEM_TYPE[w.dtype]) if cast else normed
+    return g.op("Mul", normed, w(f"{prefix}.weight"), name="rms_norm")
 
 
 def layer_norm(g: Graph, w: Weights, x: str, prefix: str, eps: float) -> str:
@@ -91,16 +116,24 @@ def rope_tables(g: Graph, cfg: TextConfig, positions: str, dtype: torch.dtype) -
     return (g.op("Cast", g.op("Cos", emb), to=ELEM_TYPE[dtype]), g.op("Cast", g.op("Sin", emb), to=ELEM_TYPE[dtype]))
 
 
-def apply_rope(g: Graph, x: str, cos: str, sin: str) -> str:
-    """x [B, heads, T, D]: x * cos + rotate_half(x) * sin."""
-    first, second = g.op("Split", x, axis=-1, num_outputs=2, outputs=2)
-    rotated = g.op("Concat", g.op("Neg", second), first, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin), name="rope")
+def apply_rope(g: Graph, x: str, cos: str, sin: str, rotate: str, out: str | None = None) -> str:
+    """x [B, heads, T, D]: x * cos + rotate_half(x) * sin, rotate_half as a MatMul by `rotate`."""
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", g.op("MatMul", x, rotate), sin), name="rope", out=out)
 
 
-def to_heads(g: Graph, x: str, heads: int, head_dim: int) -> str:
+def rotate_half_matrix(g: Graph, head_dim: int, dtype: torch.dtype) -> str:
+    """[D, D] with x @ R = concat(-x[D/2:], x[:D/2]): exact in any dtype (entries 0, 1, -1)."""
+    half = head_dim // 2
+    r = np.zeros((head_dim, head_dim), np.float32)
+    r[half:, :half] = -np.eye(half)
+    r[:half, half:] = np.eye(half)
+    m = g.const(r, np.float32)
+    return m if dtype == torch.float32 else g.op("Cast", m, to=ELEM_TYPE[dtype])
+
+
+def to_heads(g: Graph, x: str, heads: int, head_dim: int, out: str | None = None) -> str:
     """[B, T, heads*D] -> [B, heads, T, D]."""
-    return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
+    return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, heads, head_dim])), perm=[0, 2, 1, 3], out=out)
 
 
 def from_heads(g: Graph, x: str) -> str:

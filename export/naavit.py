@@ -20,8 +20,8 @@ Contract (what the ONNX function body computes and the TensorRT plugin implement
   out[b, h, t] = softmax over the visible keys of scale * q.k, times their values, where
     visual key n is visible  iff  query_pos[b, t] >= visual_end[b or 0]
     text key s is visible    iff  key_pos[b, s] <= query_pos[b, t]
-  Scores and softmax are computed in fp32 whatever the input dtype (fp32, fp16, bf16);
-  the output has the query's dtype. Every query sees at least its own key. Padding is
+  Scores are taken in the input dtype (fp32, fp16, bf16) with the scale applied to the
+  query first; the softmax runs in fp32; the output has the query's dtype. Every query sees at least its own key. Padding is
   expressed by positions alone: padded keys carry PAD_POSITION (visible to no real
   query), padded queries carry PAD_POSITION too (they see everything, stay finite, and
   their outputs are ignored).
@@ -58,39 +58,44 @@ def attributes(num_heads: int, num_kv_heads: int, head_size: int) -> dict[str, o
     }
 
 
-def _segments(b: Builder, key: str, value: str, visual_key: str, visual_value: str, query_pos: str,
-              key_pos: str, visual_end: str) -> tuple[str, str, str]:
-    """Visual then text keys/values, concatenated, and the visibility mask [B, 1, T, N+S]."""
-    batch = b.shape(key, 0, 1)
-    ones = b.const([1, 1, 1])
-    expand_to = b.op("Concat", batch, ones, axis=0)
-    k = b.op("Concat", b.op("Expand", visual_key, expand_to), key, axis=2)
-    v = b.op("Concat", b.op("Expand", visual_value, expand_to), value, axis=2)
+def _mask(b: Builder, visual_key: str, query_pos: str, key_pos: str, visual_end: str) -> str:
+    """Visibility [B, T, N+S]: visual keys first, then text keys."""
     q_col = b.op("Unsqueeze", query_pos, b.const([2]))  # [B, T, 1]
     text_mask = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([1])), q_col)  # [B, T, S]
     end = b.op("Reshape", visual_end, b.const([-1, 1, 1]))  # [Bv, 1, 1]
     sees_image = b.op("GreaterOrEqual", q_col, end)  # [B, T, 1]
     visual_shape = b.op("Concat", b.shape(query_pos, 0, 2), b.shape(visual_key, 2, 3), axis=0)
-    mask = b.op("Concat", b.op("Expand", sees_image, visual_shape), text_mask, axis=2)
-    return k, v, b.op("Unsqueeze", mask, b.const([1]))
+    return b.op("Concat", b.op("Expand", sees_image, visual_shape), text_mask, axis=2)
 
 
 def function(opset: int) -> FunctionProto:
-    """The op's body in standard ONNX ops (GQA by broadcasting, no copies of K/V heads)."""
+    """The op's body in standard ONNX ops.
+
+    Each key segment is read where it lies: scores against the visual and the text
+    keys are taken separately and joined (they are small), the probabilities split
+    again for the two value products. No K/V is concatenated, expanded over the batch
+    (MatMul broadcasts Bv = 1) or repeated over GQA groups (queries are grouped instead).
+    """
     b = Builder()
     q, key, value, vk, vv, qpos, kpos, vend = INPUTS
-    k, v, mask = _segments(b, key, value, vk, vv, qpos, kpos, vend)
-    # [B, H, T, D] -> [B, KV, H/KV, T, D]; keys [B, KV, S', D] -> [B, KV, 1, S', D]
-    b_, kv, t, d = b.shape(q, 0, 1), b.shape(k, 1, 2), b.shape(q, 2, 3), b.shape(q, 3, 4)
-    q5 = b.op("Reshape", q, b.op("Concat", b_, kv, b.const([-1]), t, d, axis=0))
-    k5 = b.op("Unsqueeze", k, b.const([2]))
-    v5 = b.op("Unsqueeze", v, b.const([2]))
-    scores = b.op("MatMul", b.op("Cast", q5, to=TensorProto.FLOAT),
-                  b.op("Transpose", b.op("Cast", k5, to=TensorProto.FLOAT), perm=[0, 1, 2, 4, 3]))
-    scores = b.op("Mul", scores, b.ref_float("scale"))
-    neg_inf = b.const(-np.inf, np.float32)
-    probs = b.op("Softmax", b.op("Where", b.op("Unsqueeze", mask, b.const([1])), scores, neg_inf), axis=-1)
-    out5 = b.op("MatMul", b.op("CastLike", probs, q), v5)
+    # queries [B, H, T, D] -> [B, KV, H/KV, T, D]; K/V [B or Bv, KV, S, D] -> [., KV, 1, S, D]
+    b_, kv, t, d = b.shape(q, 0, 1), b.shape(key, 1, 2), b.shape(q, 2, 3), b.shape(q, 3, 4)
+    q5 = b.op("Reshape", b.op("Mul", q, b.op("CastLike", b.ref_float("scale"), q)),
+              b.op("Concat", b_, kv, b.const([-1]), t, d, axis=0))
+    axis2 = b.const([2])
+
+    def scores(keys: str) -> str:
+        return b.op("MatMul", q5, b.op("Transpose", b.op("Unsqueeze", keys, axis2), perm=[0, 1, 2, 4, 3]))
+
+    joined = b.op("Cast", b.op("Concat", scores(vk), scores(key), axis=-1), to=TensorProto.FLOAT)
+    mask = b.op("Unsqueeze", _mask(b, vk, qpos, kpos, vend), b.const([1, 2]))  # [B, 1, 1, T, N+S]
+    probs = b.op("Softmax", b.op("Where", mask, joined, b.const(-np.inf, np.float32)), axis=-1)
+    probs = b.op("CastLike", probs, q)
+    n = b.shape(vk, 2, 3)
+    p_visual = b.op("Slice", probs, b.const([0]), n, b.const([-1]))
+    p_text = b.op("Slice", probs, n, b.const([2**62]), b.const([-1]))
+    out5 = b.op("Add", b.op("MatMul", p_visual, b.op("Unsqueeze", vv, axis2)),
+                b.op("MatMul", p_text, b.op("Unsqueeze", value, axis2)))
     b.op("Reshape", out5, b.shape(q, 0), out="out")
     return helper.make_function(
         DOMAIN, OP_TYPE, list(INPUTS), ["out"], b.nodes,
@@ -100,9 +105,12 @@ def function(opset: int) -> FunctionProto:
 
 def emit(b: Builder, variant: str, inputs: tuple[str, ...], attrs: dict[str, object]) -> str:
     """Attention for one layer into graph `b`: the custom node, or standard Attention."""
-    if variant == "native":
+    if variant == "native":  # one key sequence: the visual segment is expanded and concatenated
         q, key, value, vk, vv, qpos, kpos, vend = inputs
-        k, v, mask = _segments(b, key, value, vk, vv, qpos, kpos, vend)
+        expand_to = b.op("Concat", b.shape(key, 0, 1), b.const([1, 1, 1]), axis=0)
+        k = b.op("Concat", b.op("Expand", vk, expand_to), key, axis=2)
+        v = b.op("Concat", b.op("Expand", vv, expand_to), value, axis=2)
+        mask = b.op("Unsqueeze", _mask(b, vk, qpos, kpos, vend), b.const([1]))
         return b.op("Attention", q, k, v, mask, scale=attrs["scale"], softmax_precision=TensorProto.FLOAT,
                     name="attention")
     return b.op(OP_TYPE, *inputs, domain=DOMAIN, name="naavit", **attrs)

@@ -33,6 +33,7 @@ class OrtBackend:
                              "kernels); export with --dtype fp32 or fp16, or build a TensorRT engine")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = torch.get_num_threads()
         try:
             self.sessions = {
                 name: ort.InferenceSession(str(artifact.graph(name)), options, providers=chosen)
@@ -42,14 +43,30 @@ class OrtBackend:
             raise SaisaError(f"{artifact.path}: ONNX Runtime cannot load the graphs ({e})") from None
         self._layers = self.config.text.num_hidden_layers
         self._np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
+        self._visual_feeds: tuple[VisualKV | None, dict[str, np.ndarray]] = (None, {})
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        sess = self.sessions[graph]
-        outputs = sess.run(None, feeds)
-        return {o.name: torch.from_numpy(v) for o, v in zip(sess.get_outputs(), outputs)}
+        outputs = self.sessions[graph].run(None, feeds)
+        return {name: torch.from_numpy(v) for name, v in zip(self._outputs[graph], outputs)}
 
     def _array(self, t: torch.Tensor) -> np.ndarray:
+        if t.dtype == self.dtype and t.is_contiguous():
+            return t.numpy()  # no copy: ORT reads the tensor's memory
         return t.detach().to(self.dtype).contiguous().numpy()
+
+    def _visual(self, visual: VisualKV | None) -> dict[str, np.ndarray]:
+        """Feeds for the visual segment, built once per VisualKV (decode steps reuse them)."""
+        if self._visual_feeds[0] is visual and visual is not None:
+            return self._visual_feeds[1]
+        t = self.config.text
+        empty = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), dtype=self._np_dtype)
+        feeds = {io.VISUAL_END: visual.ends.numpy() if visual else np.zeros(1, dtype=np.int64)}
+        for i in range(self._layers):
+            feeds[io.visual("key", i)] = self._array(visual.keys[i]) if visual else empty
+            feeds[io.visual("value", i)] = self._array(visual.values[i]) if visual else empty
+        self._visual_feeds = (visual, feeds)
+        return feeds
 
     def vision(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._run("vision", {io.PIXEL_VALUES: self._array(pixels)})[io.FEATURES]
@@ -63,17 +80,13 @@ class OrtBackend:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: TextCache,
                 visual: VisualKV | None) -> tuple[torch.Tensor, TextCache]:
-        t = self.config.text
         feeds = {
             io.INPUT_IDS: ids.numpy(), io.POSITION_IDS: positions.numpy(), io.PAST_POSITIONS: cache.positions.numpy(),
-            io.VISUAL_END: visual.ends.numpy() if visual else np.zeros(1, dtype=np.int64),
+            **self._visual(visual),
         }
-        empty = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), dtype=self._np_dtype)
         for i in range(self._layers):
             feeds[io.past("key", i)] = self._array(cache.keys[i])
             feeds[io.past("value", i)] = self._array(cache.values[i])
-            feeds[io.visual("key", i)] = self._array(visual.keys[i]) if visual else empty
-            feeds[io.visual("value", i)] = self._array(visual.values[i]) if visual else empty
         out = self._run("decoder", feeds)
         cache = TextCache(
             tuple(out[io.present("key", i)] for i in range(self._layers)),
