@@ -212,3 +212,7 @@ def test_writer_killed_midway_leaves_no_usable_file(backend, tmp_path):
     kv = VisualKV((torch.ones(1, 1, 4, 8),), (torch.ones(1, 1, 4, 8),), torch.tensor([0]))
     got, hit = cache.get(torch.zeros(3, 4, 4), 0, lambda: kv)
     assert not hit and got is kv and len(list(tmp_path.glob("*.safetensors"))) == 1
+    stale = next(tmp_path.glob(".*.tmp-*"))
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    VisualCache(cfg, "m", torch.float32, 2**20, tmp_path)  # the dead writer's leftover is cleared
+    assert not stale.exists()

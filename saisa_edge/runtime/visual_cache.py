@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -176,13 +177,20 @@ class VisualCache:
             return None
 
 
+STALE_SECONDS = 3600  # a temporary file this old belongs to a writer that died
+
+
 def _usable_folder(folder: Path) -> Path | None:
-    """The folder if it can be written, else None with a warning (the cache stays in memory)."""
+    """The folder if it can be written (stale temporaries of dead writers removed), else None
+    with a warning (the cache stays in memory)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()
+        for tmp in folder.glob(".*.tmp-*"):
+            if time.time() - tmp.stat().st_mtime > STALE_SECONDS:
+                tmp.unlink(missing_ok=True)
         return folder
     except OSError as e:
         warn(f"--cache-dir {folder}: not writable ({e}); running without a persistent cache")
