@@ -21,10 +21,10 @@ Contract (what the ONNX function body computes and the TensorRT plugin implement
     visual key n is visible  iff  query_pos[b, t] >= visual_end[b or 0]
     text key s is visible    iff  key_pos[b, s] <= query_pos[b, t]
   Scores are taken in the input dtype (fp32, fp16, bf16) with the scale applied to the
-  query first; the softmax runs in fp32; the output has the query's dtype. Every query sees at least its own key. Padding is
-  expressed by positions alone: padded keys carry PAD_POSITION (visible to no real
-  query), padded queries carry PAD_POSITION too (they see everything, stay finite, and
-  their outputs are ignored).
+  query first; the softmax runs in fp32; the output has the query's dtype. Every query
+  sees at least its own key. Padding is expressed by positions alone: padded keys carry
+  PAD_POSITION (visible to no real query), padded queries carry PAD_POSITION too (they
+  see everything, stay finite, and their outputs are ignored).
 
 Variants written by the exporter: `custom` (the node plus this function body, which
 ONNX Runtime runs with no custom library), `plugin` (the node only, for TensorRT with
