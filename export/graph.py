@@ -55,8 +55,15 @@ class Builder:
 
     def ref_float(self, attr: str) -> str:
         """A float Constant taken from the enclosing function's attribute `attr`."""
+        return self._ref(attr, "value_float", AttributeProto.FLOAT)
+
+    def ref_int(self, attr: str) -> str:
+        """An int64 scalar Constant taken from the enclosing function's attribute `attr`."""
+        return self._ref(attr, "value_int", AttributeProto.INT)
+
+    def _ref(self, attr: str, field: str, kind: AttributeProto.AttributeType) -> str:
         out = self.fresh(f"attr_{attr}")
-        a = AttributeProto(name="value_float", ref_attr_name=attr, type=AttributeProto.FLOAT)
+        a = AttributeProto(name=field, ref_attr_name=attr, type=kind)
         node = helper.make_node("Constant", [], [out], name=self.fresh("attr_node"))
         node.attribute.append(a)
         self.nodes.append(node)

@@ -59,11 +59,10 @@ def attributes(num_heads: int, num_kv_heads: int, head_size: int) -> dict[str, o
 
 
 def _mask(b: Builder, visual_key: str, query_pos: str, key_pos: str, visual_end: str) -> str:
-    """Visibility [B, T, N+S]: visual keys first, then text keys."""
+    """Visibility [B, T, N+S]: visual keys first, then text keys (the native variant's mask)."""
     q_col = b.op("Unsqueeze", query_pos, b.const([2]))  # [B, T, 1]
     text_mask = b.op("LessOrEqual", b.op("Unsqueeze", key_pos, b.const([1])), q_col)  # [B, T, S]
-    end = b.op("Reshape", visual_end, b.const([-1, 1, 1]))  # [Bv, 1, 1]
-    sees_image = b.op("GreaterOrEqual", q_col, end)  # [B, T, 1]
+    sees_image = b.op("GreaterOrEqual", q_col, b.op("Reshape", visual_end, b.const([-1, 1, 1])))  # [B, T, 1]
     visual_shape = b.op("Concat", b.shape(query_pos, 0, 2), b.shape(visual_key, 2, 3), axis=0)
     return b.op("Concat", b.op("Expand", sees_image, visual_shape), text_mask, axis=2)
 
@@ -71,32 +70,38 @@ def _mask(b: Builder, visual_key: str, query_pos: str, key_pos: str, visual_end:
 def function(opset: int) -> FunctionProto:
     """The op's body in standard ONNX ops.
 
-    Each key segment is read where it lies: scores against the visual and the text
-    keys are taken separately and joined (they are small), the probabilities split
-    again for the two value products. No K/V is concatenated, expanded over the batch
-    (MatMul broadcasts Bv = 1) or repeated over GQA groups (queries are grouped instead).
+    Queries are grouped per K/V head ([B, KV, H/KV*T, D]) so GQA needs no repeated K/V,
+    and each key segment is read where it lies: scores against the visual and the text
+    keys are taken separately (MatMul broadcasts Bv = 1 over the batch), masked, joined
+    for one softmax, and split again for the two value products. Shapes that depend on
+    attributes only are constants once ONNX Runtime inlines the function.
     """
     b = Builder()
     q, key, value, vk, vv, qpos, kpos, vend = INPUTS
-    # queries [B, H, T, D] -> [B, KV, H/KV, T, D]; K/V [B or Bv, KV, S, D] -> [., KV, 1, S, D]
-    b_, kv, t, d = b.shape(q, 0, 1), b.shape(key, 1, 2), b.shape(q, 2, 3), b.shape(q, 3, 4)
-    q5 = b.op("Reshape", b.op("Mul", q, b.op("CastLike", b.ref_float("scale"), q)),
-              b.op("Concat", b_, kv, b.const([-1]), t, d, axis=0))
-    axis2 = b.const([2])
+    heads = b.op("Unsqueeze", b.ref_int("num_heads"), b.const([0]))
+    kv_heads = b.op("Unsqueeze", b.ref_int("num_kv_heads"), b.const([0]))
+    groups = b.op("Div", heads, kv_heads)
+    zero, rest = b.const([0]), b.const([-1])
+    scaled = b.op("Mul", q, b.op("CastLike", b.ref_float("scale"), q))
+    q4 = b.op("Reshape", scaled, b.op("Concat", zero, kv_heads, rest, zero, axis=0))  # [B, KV, G*T, D]
 
-    def scores(keys: str) -> str:
-        return b.op("MatMul", q5, b.op("Transpose", b.op("Unsqueeze", keys, axis2), perm=[0, 1, 2, 4, 3]))
+    def masked_scores(keys: str, visible: str) -> str:
+        """Scores [B, KV, G*T, keys] where `visible` [B, T, keys or 1] allows, -inf elsewhere."""
+        s = b.op("MatMul", q4, b.op("Transpose", keys, perm=[0, 1, 3, 2]))
+        tiled = b.op("Tile", b.op("Unsqueeze", visible, b.const([1])),
+                     b.op("Concat", b.const([1, 1]), groups, b.const([1]), axis=0))
+        return b.op("Where", tiled, s, b.op("CastLike", b.const(-np.inf, np.float32), s))
 
-    joined = b.op("Cast", b.op("Concat", scores(vk), scores(key), axis=-1), to=TensorProto.FLOAT)
-    mask = b.op("Unsqueeze", _mask(b, vk, qpos, kpos, vend), b.const([1, 2]))  # [B, 1, 1, T, N+S]
-    probs = b.op("Softmax", b.op("Where", mask, joined, b.const(-np.inf, np.float32)), axis=-1)
-    probs = b.op("CastLike", probs, q)
+    q_col = b.op("Unsqueeze", qpos, b.const([2]))  # [B, T, 1]
+    sees_image = b.op("GreaterOrEqual", q_col, b.op("Reshape", vend, b.const([-1, 1, 1])))
+    sees_text = b.op("LessOrEqual", b.op("Unsqueeze", kpos, b.const([1])), q_col)
+    joined = b.op("Concat", masked_scores(vk, sees_image), masked_scores(key, sees_text), axis=-1)
+    probs = b.op("CastLike", b.op("Softmax", b.op("Cast", joined, to=TensorProto.FLOAT), axis=-1), q)
     n = b.shape(vk, 2, 3)
     p_visual = b.op("Slice", probs, b.const([0]), n, b.const([-1]))
     p_text = b.op("Slice", probs, n, b.const([2**62]), b.const([-1]))
-    out5 = b.op("Add", b.op("MatMul", p_visual, b.op("Unsqueeze", vv, axis2)),
-                b.op("MatMul", p_text, b.op("Unsqueeze", value, axis2)))
-    b.op("Reshape", out5, b.shape(q, 0), out="out")
+    out4 = b.op("Add", b.op("MatMul", p_visual, vv), b.op("MatMul", p_text, value))
+    b.op("Reshape", out4, b.op("Concat", zero, heads, rest, zero, axis=0), out="out")  # [B, H, T, D]
     return helper.make_function(
         DOMAIN, OP_TYPE, list(INPUTS), ["out"], b.nodes,
         opset_imports=[helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
