@@ -8,7 +8,8 @@ Same prompt and image everywhere, greedy, fp32:
   (decoder weights + the K/V it attends) over the read bandwidth measured now
   (target: at least 80%);
 - time to first token with the image cached against the same question with no image
-  (target: at most 1.25x), and cold against cached with each stage's share.
+  (target: at most 1.25x), with and without the text before the image already cached
+  (a new session sharing the image cache), and cold against cached with each stage's share.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def session(backend: Backend, tokenizer: Any) -> Session:
     return Session(backend, tokenizer, get_template(tokenizer.default_conv_mode()), cache)
 
 
-def decode_rate(results: list[Result]) -> float:
-    return statistics.median(len(r.tokens[1:]) / (r.timings_ms["decode"] / 1000) for r in results)
+def decode_rates(results: list[Result]) -> list[float]:
+    return [len(r.tokens[1:]) / (r.timings_ms["decode"] / 1000) for r in results]
 
 
 def kv_bytes_per_token(backend: Backend, prompt_tokens: int, generated: int) -> float:
@@ -74,7 +75,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--artifact", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
     ort_backend, tok = open_model(args.artifact, "onnxruntime")
@@ -91,7 +92,10 @@ def main() -> None:
 
     ort_runs, torch_runs = runs(ort_backend), runs(torch_backend)
     print("measured decode", file=sys.stderr)
-    ort_rate, torch_rate = decode_rate(ort_runs), decode_rate(torch_runs)
+    # this machine is shared: best-of-repeats for both the rates and the bandwidth, so
+    # that neither side of a ratio is taken at a noisier moment than the other
+    ort_rates, torch_rates = decode_rates(ort_runs), decode_rates(torch_runs)
+    ort_rate, torch_rate = max(ort_rates), max(torch_rates)
     bandwidth = read_bandwidth()
     per_token = weight_bytes(ort_backend) + kv_bytes_per_token(
         ort_backend, len(ort_runs[0].prompt_tokens), len(ort_runs[0].tokens))
@@ -99,6 +103,8 @@ def main() -> None:
     report["decode"] = {
         "tokens": len(ort_runs[0].tokens),
         "onnxruntime_tokens_per_s": round(ort_rate, 2), "torch_tokens_per_s": round(torch_rate, 2),
+        "onnxruntime_median": round(statistics.median(ort_rates), 2),
+        "torch_median": round(statistics.median(torch_rates), 2),
         "speedup": round(ort_rate / torch_rate, 2), "target_speedup": 2.0,
     }
     report["bandwidth_bound"] = {
@@ -110,17 +116,24 @@ def main() -> None:
     cold = s.generate(Request(QUESTION, pixels, max_new_tokens=1))
     cached = [s.generate(Request(QUESTION, pixels, max_new_tokens=1)) for _ in range(args.repeats)]
     text_only = [s.generate(Request(QUESTION, None, max_new_tokens=1)) for _ in range(args.repeats)]
+    image_only_cached = [  # a fresh session each time: the image is cached, the prompt text is not
+        Session(ort_backend, tok, s.template, s.cache).generate(Request(QUESTION, pixels, max_new_tokens=1))
+        for _ in range(args.repeats)
+    ]
     ttft_cached = statistics.median(r.timings_ms["first_token"] for r in cached)
     ttft_text = statistics.median(r.timings_ms["first_token"] for r in text_only)
+    ttft_image_only = statistics.median(r.timings_ms["first_token"] for r in image_only_cached)
     stages = ("vision", "visual_kv", "prefill")
     report["time_to_first_token_ms"] = {
         "cold": round(cold.timings_ms["first_token"], 1), "cached_image": round(ttft_cached, 1),
         "no_image": round(ttft_text, 1), "cached_over_no_image": round(ttft_cached / ttft_text, 3),
+        "cached_image_text_not_cached": round(ttft_image_only, 1),
+        "cached_image_text_not_cached_over_no_image": round(ttft_image_only / ttft_text, 3),
         "target_cached_over_no_image": 1.25,
         "cold_stage_share": {k: round(cold.timings_ms[k] / cold.timings_ms["first_token"], 3) for k in stages},
         "cached_stage_share": {k: round(statistics.median(r.timings_ms[k] for r in cached) / ttft_cached, 3)
                                for k in stages},
-        "visual_cache": [cold.visual_cache, cached[0].visual_cache],
+        "visual_cache": [cold.visual_cache, cached[0].visual_cache, image_only_cached[0].visual_cache],
     }
     print(json.dumps(report, indent=2))
 
