@@ -185,7 +185,9 @@ class Session:
         key = tuple(row.text[: row.start])
         with self._lock:
             if key and key not in self._prefixes:
-                self._prefixes[key] = cache.truncated(len(key))
+                kept = cache.truncated(len(key))  # copied: a view would keep the whole prompt's K/V alive
+                self._prefixes[key] = TextCache(tuple(k.clone() for k in kept.keys),
+                                                tuple(v.clone() for v in kept.values), kept.positions.clone())
                 while len(self._prefixes) > self._prefix_entries:
                     self._prefixes.popitem(last=False)
 
