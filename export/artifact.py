@@ -29,7 +29,6 @@ from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.progress import say
 
 KIND = "onnx-artifact"
-GRAPHS = ("vision", "visual_kv", "decoder")
 OPSETS = range(18, 24)
 DEFAULT_OPSET = 19
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

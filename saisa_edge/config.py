@@ -84,10 +84,6 @@ class MultimodalConfig:
     projector_depth: int = 2  # mlp{N}x_gelu; 0 means a single `linear` projector
     image_aspect_ratio: str = "pad"
 
-    @property
-    def projector_type(self) -> str:
-        return "linear" if self.projector_depth == 0 else f"mlp{self.projector_depth}x_gelu"
-
 
 @dataclass(frozen=True)
 class VisionConfig:

@@ -17,7 +17,7 @@ def raw():
 def test_parses_tiny(raw):
     cfg = parse_config(raw, "config.json")
     assert cfg.text.num_hidden_layers == 2 and cfg.text.head_dim == 16
-    assert cfg.mm.projector_type == "mlp2x_gelu" and cfg.mm.select_layer == -2
+    assert cfg.mm.projector_depth == 2 and cfg.mm.select_layer == -2
 
 
 def test_llama3_fields(raw):
