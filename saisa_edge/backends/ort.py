@@ -57,8 +57,9 @@ class OrtBackend:
 
     def _visual(self, visual: VisualKV | None) -> dict[str, np.ndarray]:
         """Feeds for the visual segment, built once per VisualKV (decode steps reuse them)."""
-        if self._visual_feeds[0] is visual and visual is not None:
-            return self._visual_feeds[1]
+        last, last_feeds = self._visual_feeds  # one read: other threads may replace it
+        if last is visual and visual is not None:
+            return last_feeds
         t = self.config.text
         empty = np.zeros((1, t.num_key_value_heads, 0, t.head_dim), dtype=self._np_dtype)
         feeds = {io.VISUAL_END: visual.ends.numpy() if visual else np.zeros(1, dtype=np.int64)}
