@@ -23,20 +23,19 @@ import torch
 from saisa_edge.checkpoint.loader import Checkpoint, load_checkpoint
 from saisa_edge.checkpoint.presets import tiny, write_checkpoint
 from saisa_edge.inputs.conversation import get_template
-from saisa_edge.inputs.image import load_image, preprocess
+from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
 from saisa_edge.model.equivalence import (
     greedy, split_vs_original, text_as_image_vs_transformers, text_vs_transformers, vision_vs_transformers,
 )
 from saisa_edge.runtime.session import user_message
 
-IMAGE = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets" / "demo.png"
 
 
 def measure(ckpt: Checkpoint) -> dict[str, object]:
     t0 = time.perf_counter()
     tok = ckpt.tokenizer
     template = get_template(tok.default_conv_mode())
-    pixels = preprocess(load_image(IMAGE), ckpt.config.vision)[None]
+    pixels = preprocess(load_image(DEMO_IMAGE), ckpt.config.vision)[None]
     features = ckpt.vision(pixels)
     ids = tok.encode(template.prompt([(user_message("What is shown in this image?", True), None)]))
     text_ids = tok.encode(template.prompt([("What is the capital of France?", None)]))

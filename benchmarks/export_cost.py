@@ -28,12 +28,11 @@ from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.presets import tiny, write_checkpoint
 from saisa_edge.export.artifact import read_artifact
 from saisa_edge.inputs.conversation import get_template
-from saisa_edge.inputs.image import load_image, preprocess
+from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
 from saisa_edge.model import split
 from saisa_edge.model.split import TextCache
 from saisa_edge.runtime.session import user_message
 
-IMAGE = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets" / "demo.png"
 
 
 # The child reports its own peak RSS; exports run before this process grows, since on
@@ -62,7 +61,7 @@ def timed_export(ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
 def errors(ckpt_dir: Path, artifact: Path) -> dict[str, object]:
     ckpt = load_checkpoint(ckpt_dir)
     ref, ort_b = TorchBackend(ckpt), OrtBackend(read_artifact(artifact))
-    pixels = preprocess(load_image(IMAGE), ckpt.config.vision)[None]
+    pixels = preprocess(load_image(DEMO_IMAGE), ckpt.config.vision)[None]
     feats = ref.vision(pixels)
     tok = ckpt.tokenizer
     ids = tok.encode(get_template(tok.default_conv_mode()).prompt([(user_message("Describe it.", True), None)]))

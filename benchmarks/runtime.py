@@ -26,11 +26,10 @@ import torch
 
 from saisa_edge.backends import Backend, open_model
 from saisa_edge.inputs.conversation import get_template
-from saisa_edge.inputs.image import load_image, preprocess
+from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
 from saisa_edge.runtime.session import Request, Result, Session
 from saisa_edge.runtime.visual_cache import VisualCache
 
-IMAGE = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets" / "demo.png"
 QUESTION = "Describe the picture in detail."
 
 
@@ -80,7 +79,7 @@ def main() -> None:
 
     ort_backend, tok = open_model(args.artifact, "onnxruntime")
     torch_backend, _ = open_model(args.checkpoint, "torch")
-    pixels = preprocess(load_image(IMAGE), ort_backend.config.vision)
+    pixels = preprocess(load_image(DEMO_IMAGE), ort_backend.config.vision)
     report: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}, "dtype": str(ort_backend.dtype)}
     # a fixed number of tokens: the model must not stop early for the rates to compare
     eos_free = Request(QUESTION, pixels, max_new_tokens=args.tokens)

@@ -16,8 +16,6 @@ from saisa_edge.backends import BACKENDS
 from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
 
-_ASSETS = Path(__file__).parent / "assets"
-
 
 class _Group(click.Group):
     """Turns SaisaError into `error: ...` and exit 2, never a traceback."""
@@ -99,11 +97,13 @@ def _session(source: Path, backend: str, vision_tower: Path | None, conv_mode: s
     return Session(model, tokenizer, template, cache), (time.perf_counter() - t0) * 1000
 
 
-def _pixels(session: Any, image: Path) -> Any:
+def _pixels(session: Any, image: Any) -> Any:
+    """Model-ready pixels of an image file or an already decoded image."""
     from saisa_edge.inputs.image import load_image, preprocess
 
     cfg = session.backend.config
-    return preprocess(load_image(image), cfg.vision, cfg.mm.image_aspect_ratio == "pad")
+    img = load_image(image) if isinstance(image, Path) else image
+    return preprocess(img, cfg.vision, cfg.mm.image_aspect_ratio == "pad")
 
 
 def _echo(piece: str) -> None:
@@ -124,10 +124,9 @@ def run(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | 
     from saisa_edge.runtime.sampling import SamplingParams
     from saisa_edge.runtime.session import Request
 
-    if image is not None:
-        load_image(image)  # a broken image fails before the model loads
+    img = load_image(image) if image is not None else None  # a broken image fails before the model loads
     session, load_ms = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir)
-    pixels = _pixels(session, image) if image is not None else None
+    pixels = _pixels(session, img) if img is not None else None
     request = Request(prompt, pixels, SamplingParams(temperature, top_k, top_p, seed), max_new_tokens)
     result = session.generate(request, None if as_json else _echo)
     result.timings_ms = {"load": load_ms, **result.timings_ms}

@@ -10,8 +10,8 @@ import torch
 
 from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.presets import tiny, write_checkpoint
+from saisa_edge.inputs.image import DEMO_IMAGE  # noqa: F401  (re-exported for the tests)
 
-DEMO_IMAGE = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets" / "demo.png"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

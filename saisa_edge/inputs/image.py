@@ -15,6 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from saisa_edge.config import VisionConfig
 from saisa_edge.errors import SaisaError
 
+DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
+"""The bundled image (drawn by the project) that the quickstart, tests and benchmarks use."""
+
 
 def load_image(path: Path) -> Image.Image:
     """Decode an image file (first frame of an animation) as RGB, as the original code does."""
