@@ -270,9 +270,11 @@ def test_bf16_export_checks_and_is_refused_by_cpu_runtime(tmp_path, tiny_dir):
 
 def test_cli_export_and_run(tmp_path, tiny_dir):
     out = tmp_path / "art"
-    r = CliRunner().invoke(main, ["export", str(tiny_dir), "-o", str(out), "--attention", "native"])
+    r = CliRunner().invoke(main, ["export", str(tiny_dir), "-o", str(out), "--attention", "native",
+                                  "--max-context", "512"])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / MANIFEST_NAME).read_text())["details"]["opset"] == 23
+    details = json.loads((out / MANIFEST_NAME).read_text())["details"]
+    assert details["opset"] == 23 and details["max_context"] == 512
     args = ["run", str(out), "--image", str(DEMO_IMAGE), "--prompt", "What is shown?", "--max-new-tokens", "6", "--json"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output

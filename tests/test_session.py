@@ -194,3 +194,10 @@ def test_cli_chat(tmp_path, tiny_dir):
     assert f"(new image: {other}; conversation reset)" in out and "(conversation reset)" in out
     assert "unknown command /bogus" in out
     assert "error: --image /nonexistent.png: file not found" in r.stderr
+
+
+def test_cli_cache_budget(tiny_dir):
+    args = ("run", tiny_dir, "--image", DEMO_IMAGE, "--prompt", "What?", "--max-new-tokens", "2", "--json")
+    assert _run(*args)["cache"]["entries"] == 1
+    starved = _run(*args, "--cache-mb", "0")  # no room: the image is used, not kept
+    assert starved["cache"] == {"bytes": 0, "entries": 0, "persistent": None} and starved["visual_cache"] == "miss"
