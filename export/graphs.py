@@ -30,6 +30,7 @@ from saisa_edge.model.clip import ClipVisionTower
 from saisa_edge.model.llama import SaisaLM
 
 I64 = TensorProto.INT64
+GRAPHS = ("vision", "visual_kv", "decoder")  # an artifact's graphs, in the order data flows
 INPUT_IDS, POSITION_IDS, PAST_POSITIONS, VISUAL_END = "input_ids", "position_ids", "past_positions", "visual_end"
 LOGITS, PRESENT_POSITIONS = "logits", "present_positions"
 PIXEL_VALUES, FEATURES, VISUAL_START = "pixel_values", "features", "visual_start"

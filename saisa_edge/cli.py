@@ -72,6 +72,8 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Memory budget of the visual K/V cache."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Keep visual K/V on disk here, for later runs and other processes."),
+        click.option("--cache-storage", type=click.Choice(["native", "int8", "fp8"]), default="native",
+                     show_default=True, help="Store cached visual K/V quantized (half of fp16's memory)."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--temperature", type=click.FloatRange(min=0), default=0.0, help="0 (default): greedy."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k most likely (0: all)."),
@@ -84,7 +86,7 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _session(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
-             cache_mb: float, cache_dir: Path | None) -> tuple[Any, float]:
+             cache_mb: float, cache_dir: Path | None, cache_storage: str) -> tuple[Any, float]:
     from saisa_edge.backends import open_model
     from saisa_edge.inputs.conversation import get_template
     from saisa_edge.runtime.session import Session
@@ -93,7 +95,8 @@ def _session(source: Path, backend: str, vision_tower: Path | None, conv_mode: s
     t0 = time.perf_counter()
     model, tokenizer = open_model(source, backend, vision_tower, dtype)
     template = get_template(conv_mode or tokenizer.default_conv_mode())
-    cache = VisualCache(model.config.text, model.identity, model.dtype, int(cache_mb * 2**20), cache_dir)
+    cache = VisualCache(model.config.text, model.identity, model.dtype, int(cache_mb * 2**20), cache_dir,
+                        cache_storage)
     return Session(model, tokenizer, template, cache), (time.perf_counter() - t0) * 1000
 
 
@@ -117,7 +120,8 @@ def _echo(piece: str) -> None:
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
-        cache_mb: float, cache_dir: Path | None, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+        cache_mb: float, cache_dir: Path | None, cache_storage: str, max_new_tokens: int, temperature: float,
+        top_k: int, top_p: float,
         seed: int | None, image: Path | None, prompt: str, as_json: bool) -> None:
     """Answer one question about an image with SOURCE: an artifact folder or a checkpoint."""
     from saisa_edge.inputs.image import load_image
@@ -125,7 +129,7 @@ def run(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | 
     from saisa_edge.runtime.session import Request
 
     img = load_image(image) if image is not None else None  # a broken image fails before the model loads
-    session, load_ms = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir)
+    session, load_ms = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage)
     pixels = _pixels(session, img) if img is not None else None
     request = Request(prompt, pixels, SamplingParams(temperature, top_k, top_p, seed), max_new_tokens)
     result = session.generate(request, None if as_json else _echo)
@@ -143,12 +147,12 @@ def run(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | 
 @_source_options
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Image to talk about (/image to switch).")
 def chat(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
-         cache_mb: float, cache_dir: Path | None, max_new_tokens: int, temperature: float, top_k: int,
+         cache_mb: float, cache_dir: Path | None, cache_storage: str, max_new_tokens: int, temperature: float, top_k: int,
          top_p: float, seed: int | None, image: Path | None) -> None:
     """A conversation in the terminal. /image PATH switches image, /reset starts over, /stats, /quit."""
     from saisa_edge.runtime.sampling import SamplingParams
 
-    session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir)
+    session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage)
     conversation = session.chat(_pixels(session, image) if image is not None else None)
     params = SamplingParams(temperature, top_k, top_p, seed)
     last: dict[str, Any] = {}
@@ -208,3 +212,97 @@ def export(checkpoint: Path, output: Path, vision_tower: Path | None, dtype: str
     opset = opset or (NATIVE_MIN_OPSET if attention == "native" else DEFAULT_OPSET)
     export_artifact(source, output, ExportOptions(dtype, opset, attention, max_context), force)
     say(f"wrote {output} in {time.perf_counter() - t0:.1f} s")
+
+
+def _thresholds(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Pass-mark overrides shared by `validate` and `calibrate`'s accuracy report."""
+    options = [
+        click.option("--min-cosine", type=float, default=None, help="Lowest logit cosine allowed (per precision default)."),
+        click.option("--min-top1", type=float, default=None, help="Lowest teacher-forced top-1 agreement allowed."),
+        click.option("--min-greedy", type=float, default=None, help="Lowest greedy-token match allowed."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _report(candidate: Path, reference: Path | None, vision_tower: Path | None, images: Path | None,
+            prompts: Path | None, samples: int, bounds: dict[str, float | None], as_json: bool,
+            kv_storage: str = "native") -> None:
+    """Validate, print the table (or JSON), exit 1 on failure."""
+    from saisa_edge.evaluation.validate import run_validation, table
+    from saisa_edge.progress import track
+
+    report = run_validation(candidate, reference, vision_tower, images, prompts, samples, bounds, progress=track,
+                            kv_storage=kv_storage)
+    click.echo(json.dumps(report.as_json(), indent=2) if as_json else table(report))
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Calibrated artifact folder to write.")
+@click.option("--precision", type=click.Choice(["int8", "fp8"]), required=True)
+@click.option("--target", default="cpu", show_default=True,
+              help="orin-agx, orin-nx, orin-nano, a100, l4, h100 or cpu (ONNX Runtime): what the graphs must run on.")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of calibration images (default: bundled).")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Prompt file, one per line (default: bundled).")
+@click.option("--samples", type=int, default=16, show_default=True, help="Image+prompt pairs to calibrate on.")
+@click.option("--method", default=None, help="max, percentile, entropy or mse (default: percentile for int8, max for fp8).")
+@click.option("--percentile", type=float, default=99.99, show_default=True)
+@click.option("--keep", default="lm_head", show_default=True,
+              help="Comma list left in float: lm_head, vision ('' quantizes both).")
+@click.option("--smoothquant", type=float, default=0.5, show_default=True,
+              help="SmoothQuant alpha for int8 (0 turns smoothing off).")
+@click.option("--max-noise", type=float, default=0.1, show_default=True,
+              help="A linear layer whose input int8/fp8 would blur more (noise/signal RMS) stays in float.")
+@click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Greedy decode steps calibrated after each prefill.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="fp32 checkpoint for the accuracy report (default: the one the artifact came from).")
+@click.option("--report-samples", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Held-out pairs in the accuracy report (0: no report).")
+@_thresholds
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
+              samples: int, method: str | None, percentile: float, keep: str, smoothquant: float, max_noise: float,
+              decode_steps: int,
+              reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
+              min_greedy: float | None, force: bool) -> None:
+    """Quantize ARTIFACT to INT8 or FP8 (explicit Q/DQ), calibrated on image+prompt pairs; then
+    report its accuracy on held-out pairs against the fp32 reference (exit 1 if it fails)."""
+    from saisa_edge.calibration.calibrate import calibrate as run_calibration, open_source, summary
+    from saisa_edge.calibration.data import pairs
+    from saisa_edge.calibration.recipe import make_recipe
+    from saisa_edge.progress import say
+
+    recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
+                         smoothquant or None, percentile, max_noise)
+    cfg = open_source(artifact).config
+    data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.image_aspect_ratio == "pad")
+    details = run_calibration(artifact, output, recipe, data, decode_steps, force)
+    say(f"wrote {output}: {json.dumps(summary(details))}")
+    if report_samples:
+        _report(output, reference, None, None, None, report_samples,
+                {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy}, as_json=False)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="fp32 SAISA checkpoint (default: the one SOURCE was exported from).")
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None, help="The reference's vision tower.")
+@click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of images (default: bundled held-out set).")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Prompt file (default: bundled held-out set).")
+@click.option("--samples", type=click.IntRange(min=1), default=6, show_default=True)
+@click.option("--kv-storage", type=click.Choice(["native", "int8", "fp8"]), default="native", show_default=True,
+              help="Measure with the visual K/V stored as the cache's --cache-storage would.")
+@_thresholds
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def validate(source: Path, reference: Path | None, vision_tower: Path | None, images: Path | None,
+             prompts: Path | None, samples: int, kv_storage: str, min_cosine: float | None, min_top1: float | None,
+             min_greedy: float | None, as_json: bool) -> None:
+    """Compare SOURCE (an artifact or engine folder) with the fp32 PyTorch reference; exit 1 on failure."""
+    _report(source, reference, vision_tower, images, prompts, samples,
+            {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy}, as_json, kv_storage)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +16,9 @@ from saisa_edge.export import graphs as io
 from saisa_edge.model.split import TextCache, VisualKV
 
 
+Observer = Callable[[str, dict[str, np.ndarray]], None]
+
+
 def providers() -> list[str]:
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
@@ -22,7 +27,9 @@ def providers() -> list[str]:
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, artifact: Artifact):
+    def __init__(self, artifact: Artifact, graphs: dict[str, Path] | None = None, observe: Observer | None = None):
+        """`graphs` replaces some of the artifact's graph files (calibration's tapped copies);
+        `observe(graph, outputs)` sees every run's outputs by name."""
         self.config = artifact.config
         self.dtype = artifact.dtype
         self.max_context = int(artifact.details["max_context"])
@@ -34,10 +41,12 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = torch.get_num_threads()
+        if artifact.details.get("quantization", {}).get("precision") == "fp8":
+            options.add_session_config_entry("session.disable_quant_qdq", "1")  # CPU kernels lack fused FP8 Q/DQ
+        paths = {name: (graphs or {}).get(name, artifact.graph(name)) for name in io.GRAPHS}
         try:
             self.sessions = {
-                name: ort.InferenceSession(str(artifact.graph(name)), options, providers=chosen)
-                for name in ("vision", "visual_kv", "decoder")
+                name: ort.InferenceSession(str(path), options, providers=chosen) for name, path in paths.items()
             }
         except Exception as e:  # ORT reports a bad graph as a generic failure
             raise SaisaError(f"{artifact.path}: ONNX Runtime cannot load the graphs ({e})") from None
@@ -45,9 +54,12 @@ class OrtBackend:
         self._np_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
         self._outputs = {name: [o.name for o in s.get_outputs()] for name, s in self.sessions.items()}
         self._visual_feeds: tuple[VisualKV | None, dict[str, np.ndarray]] = (None, {})
+        self._observe = observe
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         outputs = self.sessions[graph].run(None, feeds)
+        if self._observe is not None:
+            self._observe(graph, dict(zip(self._outputs[graph], outputs)))
         return {name: torch.from_numpy(v) for name, v in zip(self._outputs[graph], outputs)}
 
     def _array(self, t: torch.Tensor) -> np.ndarray:

@@ -19,7 +19,7 @@ DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 """The bundled image (drawn by the project) that the quickstart, tests and benchmarks use."""
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, flag: str = "--image") -> Image.Image:
     """Decode an image file (first frame of an animation) as RGB, as the original code does."""
     try:
         with Image.open(path) as img:
@@ -27,9 +27,9 @@ def load_image(path: Path) -> Image.Image:
             img.load()
             return img.convert("RGB")
     except FileNotFoundError:
-        raise SaisaError(f"--image {path}: file not found") from None
+        raise SaisaError(f"{flag} {path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise SaisaError(f"--image {path}: cannot decode the image ({e}); use JPEG, PNG, WebP, BMP or GIF") from None
+        raise SaisaError(f"{flag} {path}: cannot decode the image ({e}); use JPEG, PNG, WebP, BMP or GIF") from None
 
 
 def expand_to_square(img: Image.Image, mean: tuple[float, float, float]) -> Image.Image:

@@ -3,8 +3,8 @@ about it reads the same read-only K/V (no copies; another RoPE offset is a rotat
 
 In memory: LRU under a byte budget, safe under concurrent use (one computation per image
 at a time). On disk (optional): one safetensors file per image, written to a temporary
-name and renamed into place, carrying format version, model identity, dtype and a
-checksum; a file that is unreadable, corrupt or from another model is deleted and the
+name and renamed into place, carrying format version, model identity, dtype, storage
+(see `kv_storage`) and a checksum; a file that is unreadable, corrupt or from another model is deleted and the
 image recomputed, never used.
 """
 
@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 from saisa_edge.config import TextConfig
 from saisa_edge.model.split import VisualKV
 from saisa_edge.progress import warn
+from saisa_edge.runtime.kv_storage import STORAGES, PackedKV, pack, unpack
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
 def pixel_digest(pixels: torch.Tensor) -> str:
@@ -37,10 +38,11 @@ def pixel_digest(pixels: torch.Tensor) -> str:
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def _payload_digest(kv: VisualKV) -> str:
+def _payload_digest(kv: PackedKV) -> str:
     h = hashlib.sha256()
-    for t in (*kv.keys, *kv.values):
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    for name, t in kv.tensors().items():
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -54,14 +56,18 @@ class CacheStats:
 
 
 class VisualCache:
-    """Visual K/V by image, for one model (`identity`) at one precision (`dtype`)."""
+    """Visual K/V by image, for one model (`identity`) at one precision (`dtype`), stored
+    as `storage` (native, int8 or fp8)."""
 
     def __init__(self, cfg: TextConfig, identity: str, dtype: torch.dtype, budget_bytes: int,
-                 folder: Path | None = None):
+                 folder: Path | None = None, storage: str = "native"):
+        if storage not in STORAGES:
+            raise ValueError(storage)
         self.cfg, self.identity, self.dtype, self.budget = cfg, identity, dtype, budget_bytes
+        self.storage = storage
         self.folder = _usable_folder(folder) if folder is not None else None
         self.stats = CacheStats()
-        self._entries: OrderedDict[str, VisualKV] = OrderedDict()
+        self._entries: OrderedDict[str, PackedKV] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._gates = [threading.Lock() for _ in range(64)]  # one computation per image at a time
@@ -74,7 +80,7 @@ class VisualCache:
         return len(self._entries)
 
     def key(self, pixels: torch.Tensor) -> str:
-        text = f"{FORMAT_VERSION}|{self.identity}|{self.dtype}|{pixel_digest(pixels)}"
+        text = f"{FORMAT_VERSION}|{self.identity}|{self.dtype}|{self.storage}|{pixel_digest(pixels)}"
         return hashlib.sha256(text.encode()).hexdigest()
 
     def get(self, pixels: torch.Tensor, start: int, compute: Callable[[], VisualKV]) -> tuple[VisualKV, bool]:
@@ -87,16 +93,17 @@ class VisualCache:
         with self._gates[int(key[:8], 16) % len(self._gates)]:
             found = self._lookup(key)
             if found is not None:
-                return found.moved_to(self.cfg, start), True
+                return unpack(found, self.dtype).moved_to(self.cfg, start), True
             kv = compute()
             with self._lock:
                 self.stats.misses += 1
-            self._remember(key, kv)
+            packed = pack(kv, self.storage)
+            self._remember(key, packed)
             if self.folder is not None:
-                self._write(key, kv)
-            return kv, False
+                self._write(key, packed)
+            return (kv if self.storage == "native" else unpack(packed, self.dtype)), False
 
-    def _lookup(self, key: str) -> VisualKV | None:
+    def _lookup(self, key: str) -> PackedKV | None:
         with self._lock:
             kv = self._entries.get(key)
             if kv is not None:
@@ -111,7 +118,7 @@ class VisualCache:
             self._remember(key, kv)
         return kv
 
-    def _remember(self, key: str, kv: VisualKV) -> None:
+    def _remember(self, key: str, kv: PackedKV) -> None:
         size = kv.nbytes
         if size > self.budget:
             return
@@ -136,23 +143,21 @@ class VisualCache:
         assert self.folder is not None
         return self.folder / f"{key}.safetensors"
 
-    def _metadata(self, kv: VisualKV) -> dict[str, str]:
-        return {"format": FORMAT_VERSION, "model": self.identity, "dtype": str(self.dtype),
+    def _metadata(self, kv: PackedKV) -> dict[str, str]:
+        return {"format": FORMAT_VERSION, "model": self.identity, "dtype": str(self.dtype), "storage": self.storage,
                 "start": str(int(kv.starts[0])), "layers": str(len(kv.keys)), "sha256": _payload_digest(kv)}
 
-    def _write(self, key: str, kv: VisualKV) -> None:
+    def _write(self, key: str, kv: PackedKV) -> None:
         path = self._path(key)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        tensors = {f"key.{i}": k.contiguous() for i, k in enumerate(kv.keys)}
-        tensors.update({f"value.{i}": v.contiguous() for i, v in enumerate(kv.values)})
         try:
-            save_file(tensors, str(tmp), metadata=self._metadata(kv))
+            save_file(kv.tensors(), str(tmp), metadata=self._metadata(kv))
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             warn(f"visual cache: cannot write {path} ({e}); keeping the image in memory only")
 
-    def _read(self, key: str) -> VisualKV | None:
+    def _read(self, key: str) -> PackedKV | None:
         path = self._path(key)
         if not path.exists():
             return None
@@ -160,12 +165,12 @@ class VisualCache:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 layers = int(meta.get("layers", -1))
-                if (meta.get("format"), meta.get("model"), meta.get("dtype")) != (
-                        FORMAT_VERSION, self.identity, str(self.dtype)) or layers != self.cfg.num_hidden_layers:
-                    raise ValueError("written by another model, precision or format version")
-                keys = tuple(f.get_tensor(f"key.{i}") for i in range(layers))
-                values = tuple(f.get_tensor(f"value.{i}") for i in range(layers))
-            kv = VisualKV(keys, values, torch.tensor([int(meta["start"])]))
+                if (meta.get("format"), meta.get("model"), meta.get("dtype"), meta.get("storage")) != (
+                        FORMAT_VERSION, self.identity, str(self.dtype), self.storage) \
+                        or layers != self.cfg.num_hidden_layers:
+                    raise ValueError("written by another model, precision, storage or format version")
+                named = {name: f.get_tensor(name) for name in f.keys()}
+            kv = PackedKV.from_tensors(self.storage, named, layers, int(meta["start"]))
             if _payload_digest(kv) != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
             return kv

@@ -1,0 +1,80 @@
+"""Image+prompt pairs for calibration and accuracy reports.
+
+The bundled sets (drawn by `calibration.draw`) are the default: `calibration` to
+calibrate, `validation` (other images, other prompts) to measure. A user's folder of
+images and a prompt file work the same way; pairs take images and prompts in turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saisa_edge.config import VisionConfig
+from saisa_edge.errors import SaisaError
+from saisa_edge.inputs.image import load_image, preprocess
+
+ASSETS = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets"
+BUNDLED = {"calibration": ASSETS / "calibration", "validation": ASSETS / "validation"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+MIN_IMAGES = 2
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    prompt: str
+    pixels: torch.Tensor  # preprocessed [3, S, S]
+
+
+def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
+    """Non-empty lines that are not `#` comments."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise SaisaError(f"{flag} {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SaisaError(f"{flag} {path}: unreadable ({e}); give a UTF-8 text file, one prompt per line") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise SaisaError(f"{flag} {path}: no usable prompt (one per line; blank and # lines are skipped)")
+    return prompts
+
+
+def image_files(folder: Path, flag: str = "--images") -> list[Path]:
+    if not folder.is_dir():
+        raise SaisaError(f"{flag} {folder}: not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < MIN_IMAGES:
+        raise SaisaError(f"{flag} {folder}: {len(files)} image(s) found; at least {MIN_IMAGES} are needed "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def pairs(vision: VisionConfig, samples: int, images: Path | None = None, prompts: Path | None = None,
+          bundled: str = "calibration", pad: bool = True) -> list[Pair]:
+    """`samples` pairs: image i mod len(images) with prompt i mod len(prompts)."""
+    if samples < 1:
+        raise SaisaError(f"--samples {samples}: must be at least 1")
+    files = image_files(images or BUNDLED[bundled])
+    texts = read_prompts(prompts or BUNDLED[bundled] / "prompts.txt")
+    decoded: dict[Path, torch.Tensor] = {}
+    out = []
+    for i in range(samples):
+        f = files[i % len(files)]
+        if f not in decoded:
+            decoded[f] = preprocess(load_image(f, flag="--images"), vision, pad)
+        out.append(Pair(f, texts[i % len(texts)], decoded[f]))
+    return out
+
+
+def digest(chosen: list[Pair]) -> str:
+    """Identifies the data a calibration saw (recorded in the manifest)."""
+    h = hashlib.sha256()
+    for p in chosen:
+        h.update(p.prompt.encode())
+        h.update(p.pixels.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,76 @@
+"""How the visual K/V cache stores an image: as computed, or quantized to 8 bits.
+
+SAISA's cache is large (Vicuna-7B: 32 layers x 576 tokens x 4096 x 2 in fp16, 288 MiB
+an image); int8 or fp8 storage halves that against fp16 (a quarter against fp32).
+Keys get a scale per head and channel (RoPE'd keys carry outlier channels), values a
+scale per head and token, as KIVI does. Entries are dequantized when used, so a
+backend always sees its own dtype and the first request equals every later one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from saisa_edge.model.split import VisualKV
+
+STORAGES = ("native", "int8", "fp8")
+_QUANT = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+
+
+@dataclass(frozen=True)
+class PackedKV:
+    storage: str
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    key_scales: tuple[torch.Tensor, ...]  # [B, KV, 1, D] per layer; empty when native
+    value_scales: tuple[torch.Tensor, ...]  # [B, KV, N, 1]
+    starts: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for group in (self.keys, self.values, self.key_scales,
+                                                              self.value_scales) for t in group)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Named tensors, for a file."""
+        named = {}
+        for kind, group in (("key", self.keys), ("value", self.values), ("key_scale", self.key_scales),
+                            ("value_scale", self.value_scales)):
+            named.update({f"{kind}.{i}": t.contiguous() for i, t in enumerate(group)})
+        return named
+
+    @classmethod
+    def from_tensors(cls, storage: str, named: dict[str, torch.Tensor], layers: int, start: int) -> "PackedKV":
+        def group(kind: str, n: int) -> tuple[torch.Tensor, ...]:
+            return tuple(named[f"{kind}.{i}"] for i in range(n))
+
+        scaled = 0 if storage == "native" else layers
+        return cls(storage, group("key", layers), group("value", layers), group("key_scale", scaled),
+                   group("value_scale", scaled), torch.tensor([start]))
+
+
+def _quantize(x: torch.Tensor, dim: int, storage: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype, top = _QUANT[storage]
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=dim, keepdim=True) / top).clamp_min(1e-8)
+    q = (x32 / scale).clamp(-top, top)
+    return (q.round().to(dtype) if storage == "int8" else q.to(dtype)), scale.to(torch.float16)
+
+
+def pack(kv: VisualKV, storage: str) -> PackedKV:
+    if storage == "native":
+        return PackedKV(storage, kv.keys, kv.values, (), (), kv.starts)
+    keys = [_quantize(k, 2, storage) for k in kv.keys]  # amax over tokens: per head and channel
+    values = [_quantize(v, 3, storage) for v in kv.values]  # amax over channels: per head and token
+    return PackedKV(storage, tuple(q for q, _ in keys), tuple(q for q, _ in values),
+                    tuple(s for _, s in keys), tuple(s for _, s in values), kv.starts)
+
+
+def unpack(p: PackedKV, dtype: torch.dtype) -> VisualKV:
+    if p.storage == "native":
+        return VisualKV(p.keys, p.values, p.starts)
+    keys = tuple((q.float() * s.float()).to(dtype) for q, s in zip(p.keys, p.key_scales))
+    values = tuple((q.float() * s.float()).to(dtype) for q, s in zip(p.values, p.value_scales))
+    return VisualKV(keys, values, p.starts)
