@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -194,7 +195,7 @@ def insert_qdq(model: onnx.ModelProto, sites: list[Site], amax: dict[str, float]
             zeros = [f"{base}.zero_point"]
             new_inits.append(helper.make_tensor(zeros[0], recipe.elem_type, [w.shape[1]],
                                                 vals=b"\0" * w.shape[1], raw=True))
-            axis = {"axis": 1}
+            axis: dict[str, Any] = {"axis": 1}
         else:
             w_scale = np.asarray(max(float(np.abs(w).max()), 1e-8) / recipe.weight_levels)
             zeros, axis = [zero.name], {}

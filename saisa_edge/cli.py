@@ -306,3 +306,57 @@ def validate(source: Path, reference: Path | None, vision_tower: Path | None, im
     """Compare SOURCE (an artifact or engine folder) with the fp32 PyTorch reference; exit 1 on failure."""
     _report(source, reference, vision_tower, images, prompts, samples,
             {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy}, as_json, kv_storage)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Engine folder to write.")
+@click.option("--target", default="auto", show_default=True,
+              help="orin-agx, orin-nx, orin-nano, a100, l4, h100, or auto (this machine's GPU).")
+@click.option("--attention", default="auto", show_default=True,
+              help="plugin (the NAAViT plugin), native (ONNX Attention, TensorRT 10.14+), decomposed (the "
+                   "function body, any TensorRT), or auto (by TensorRT version and the artifact).")
+@click.option("--max-batch", type=int, default=1, show_default=True)
+@click.option("--max-context", type=int, default=None, help="Longest sequence (default: the artifact's).")
+@click.option("--force", is_flag=True, help="Replace an existing folder.")
+def build(artifact: Path, output: Path, target: str, attention: str, max_batch: int, max_context: int | None,
+          force: bool) -> None:
+    """Build TensorRT engines for ARTIFACT (strongly typed; profiles for prefill and decode)."""
+    from saisa_edge.export.artifact import read_artifact
+    from saisa_edge.plugins import build as plan
+    from saisa_edge.targets import by_compute_capability, target as named_target
+
+    art = read_artifact(artifact)
+    trt, capability = _gpu_and_tensorrt()
+    chosen = by_compute_capability(*capability) if target == "auto" else named_target(target)
+    if chosen.compute_capability is None:
+        raise SaisaError("--target cpu: engines are for GPUs; run the artifact with ONNX Runtime instead")
+    if chosen.compute_capability != capability:
+        raise SaisaError(f"--target {chosen.name} is compute capability {chosen.sm}, this GPU is sm_"
+                         f"{capability[0]}{capability[1]}; build on the target device (engines are not portable)")
+    plan.check_precision_for(art, chosen)
+    options = plan.BuildOptions(chosen, attention, max_batch, max_context)
+    context = max_context or int(art.details["max_context"])
+    mode = plan.resolve_attention(attention, art.details["attention"], trt.__version__)
+    weights = sum(g["weights_bytes"] for g in art.details["graphs"].values())
+    plan.check_fits(art, options, weights, context)
+    from saisa_edge.plugins.trt_build import build_engines
+
+    build_engines(art, output, options, mode, context, capability, force)
+    click.echo(f"wrote {output} ({chosen.name}, attention {mode})", err=True)
+
+
+def _gpu_and_tensorrt() -> tuple[Any, tuple[int, int]]:
+    """TensorRT and this GPU's compute capability, or a one-line error saying what to install."""
+    from saisa_edge.backends.tensorrt import INSTALL_HINT, import_tensorrt
+
+    trt = import_tensorrt("build")
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        raise SaisaError(f"build: cuda-python is not installed (pip install cuda-python); {INSTALL_HINT}") from None
+
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise SaisaError(f"build: no CUDA GPU found ({err}); {INSTALL_HINT}")
+    return trt, (int(props.major), int(props.minor))

@@ -6,6 +6,7 @@ checkpoint, ONNX Runtime an artifact folder, and TensorRT engines join the same 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -39,14 +40,22 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS = ("auto", "onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
 
 def open_model(source: Path, backend: str = "auto", vision_tower: Path | None = None,
                dtype: str | None = None) -> tuple[Backend, PromptTokenizer]:
     """A backend and tokenizer for SOURCE: an artifact folder (ONNX Runtime by default; `torch`
-    runs the checkpoint it was exported from) or a checkpoint (PyTorch)."""
+    runs the checkpoint it was exported from), an engine folder (TensorRT) or a checkpoint (PyTorch)."""
     is_artifact = (source / MANIFEST_NAME).is_file() and not (source / "config.json").is_file()
+    if is_artifact and _kind(source) == "tensorrt-engines":
+        if backend not in ("auto", "tensorrt"):
+            raise SaisaError(f"--backend {backend}: {source} holds TensorRT engines; use --backend tensorrt")
+        from saisa_edge.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(source), PromptTokenizer.load(source)
+    if backend == "tensorrt":
+        raise SaisaError(f"--backend tensorrt: {source} is not an engine folder; run `saisa-edge build` first")
     if is_artifact:
         from saisa_edge.export.artifact import read_artifact
 
@@ -72,6 +81,13 @@ def open_model(source: Path, backend: str = "auto", vision_tower: Path | None = 
         return _torch(source, vision_tower, dtype or "fp32")
     raise SaisaError(f"SOURCE {source}: neither a SAISA checkpoint (config.json) nor an artifact folder "
                      f"({MANIFEST_NAME})")
+
+
+def _kind(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text()).get("kind")
+    except (OSError, ValueError):
+        return None
 
 
 def _torch(checkpoint: Path, vision_tower: Path | None, dtype: str) -> tuple[Backend, PromptTokenizer]:

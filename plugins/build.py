@@ -1,0 +1,195 @@
+"""Engine builds, all but the TensorRT calls: attention mode, optimization profiles,
+the engine folder's manifest and the checks that refuse a mismatched engine.
+
+Tested without TensorRT; `trt_build` and the TensorRT backend only carry these out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from saisa_edge.artifacts import MANIFEST_NAME, MANIFEST_VERSION
+from saisa_edge.errors import SaisaError
+from saisa_edge.export import graphs as io
+from saisa_edge.export.artifact import Artifact
+from saisa_edge.targets import Target, check_precision
+
+KIND = "tensorrt-engines"
+ATTENTION_MODES = ("auto", "plugin", "native", "decomposed")
+PYTHON_AOT_PLUGINS = (10, 9)  # tensorrt.plugin with ahead-of-time implementations
+NATIVE_ATTENTION = (10, 14)  # ONNX Attention in TensorRT's parser
+Dims = tuple[int, ...]
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    major, minor, *_ = (int(p) for p in version.split(".")[:2] + ["0"])
+    return major, minor
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    target: Target
+    attention: str = "auto"
+    max_batch: int = 1
+    max_context: int | None = None  # default: the artifact's
+
+
+def resolve_attention(requested: str, variant: str, trt_version: str) -> str:
+    """The attention path for an artifact exported as `variant` (custom/plugin/native).
+
+    custom artifacts carry the node and its body: `decomposed` inlines the body, `plugin`
+    drops it so the node binds to the plugin. plugin artifacts have the node only;
+    native artifacts have ONNX Attention and no NAAViT node at all.
+    """
+    if requested not in ATTENTION_MODES:
+        raise SaisaError(f"--attention {requested!r}: choose one of {', '.join(ATTENTION_MODES)}")
+    version = version_tuple(trt_version)
+    if requested == "auto":
+        if variant == "native":
+            requested = "native"
+        elif version >= PYTHON_AOT_PLUGINS:
+            requested = "plugin"
+        else:
+            requested = "decomposed"
+    if requested == "plugin":
+        if variant == "native":
+            raise SaisaError("--attention plugin: the artifact was exported with --attention native and has no "
+                             "saisa::NAAViTAttention node; export with --attention custom or plugin")
+        if version < PYTHON_AOT_PLUGINS:
+            raise SaisaError(f"--attention plugin: TensorRT {trt_version} has no AOT Python plugins (10.9+); "
+                             "use --attention decomposed")
+    if requested == "native":
+        if variant != "native":
+            raise SaisaError("--attention native: export the artifact with --attention native --opset 23 first")
+        if version < NATIVE_ATTENTION:
+            raise SaisaError(f"--attention native: TensorRT {trt_version} cannot parse ONNX Attention (10.14+); "
+                             "export with --attention custom and build with --attention decomposed")
+    if requested == "decomposed" and variant != "custom":
+        raise SaisaError(f"--attention decomposed: the artifact ({variant} variant) has no function body; "
+                         "export with --attention custom")
+    return requested
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max shapes per input of one optimization profile."""
+
+    name: str
+    shapes: dict[str, tuple[Dims, Dims, Dims]]
+
+
+def profiles(art: Artifact, graph: str, max_batch: int, max_context: int) -> list[Profile]:
+    """Optimization profiles per graph: vision and visual_kv one each; the decoder one for
+    prefill (many new tokens, little past) and one for decode (one token, a long past)."""
+    cfg = art.config
+    t, v = cfg.text, cfg.vision
+    n = cfg.num_visual_tokens
+    kv, d = t.num_key_value_heads, t.head_dim
+    if max_batch < 1:
+        raise SaisaError(f"--max-batch {max_batch}: must be at least 1")
+    if not n < max_context <= int(art.details["max_context"]):
+        raise SaisaError(f"--max-context {max_context}: must exceed the {n} visual tokens and be at most the "
+                         f"artifact's {art.details['max_context']}")
+    batch = (1, 1, max_batch)
+
+    def three(shape: Callable[[int], Dims]) -> tuple[Dims, Dims, Dims]:
+        return shape(0), shape(1), shape(2)  # min, opt, max
+
+    if graph == "vision":
+        s = v.crop_size
+        return [Profile("vision", {io.PIXEL_VALUES: three(lambda i: (batch[i], 3, s, s))})]
+    if graph == "visual_kv":
+        return [Profile("visual_kv", {io.FEATURES: three(lambda i: (batch[i], n, cfg.mm.mm_hidden_size)),
+                                      io.VISUAL_START: three(lambda i: (batch[i],))})]
+    text_room = max_context - n  # text positions left beside the image
+    visual_len = (0, n, n)  # 0: text-only requests
+    out = []
+    for name, query, past in (("prefill", (1, min(128, text_room), text_room), (0, 0, text_room - 1)),
+                              ("decode", (1, 1, 1), (0, min(256, text_room - 1), text_room - 1))):
+        shapes = {
+            io.INPUT_IDS: three(lambda i: (batch[i], query[i])),
+            io.POSITION_IDS: three(lambda i: (batch[i], query[i])),
+            io.PAST_POSITIONS: three(lambda i: (batch[i], past[i])),
+            io.VISUAL_END: three(lambda i: (batch[i],)),
+        }
+        for layer in range(t.num_hidden_layers):
+            for kind in ("key", "value"):
+                shapes[io.past(kind, layer)] = three(lambda i: (batch[i], kv, past[i], d))
+                shapes[io.visual(kind, layer)] = three(lambda i: (batch[i], kv, visual_len[i], d))
+        out.append(Profile(name, shapes))
+    return out
+
+
+def cache_bytes(art: Artifact, max_batch: int, max_context: int) -> int:
+    """Device memory of the K/V a full batch holds at the longest context (visual + text)."""
+    t = art.config.text
+    itemsize = 4 if art.details["dtype"] == "fp32" else 2
+    return 2 * t.num_hidden_layers * max_batch * t.num_key_value_heads * max_context * t.head_dim * itemsize
+
+
+def check_fits(art: Artifact, options: BuildOptions, weights_bytes: int, max_context: int) -> None:
+    """Refuse a build whose weights plus K/V cannot fit the target's memory budget."""
+    need = weights_bytes + cache_bytes(art, options.max_batch, max_context) + options.target.workspace_gib * 2**30
+    have = options.target.memory_gib * 2**30
+    if need > have:
+        raise SaisaError(f"--target {options.target.name}: weights, K/V for --max-batch {options.max_batch} x "
+                         f"--max-context {max_context} and workspace need {need / 2**30:.1f} GiB of its "
+                         f"{options.target.memory_gib:g} GiB; lower --max-batch or --max-context, or quantize")
+
+
+def check_precision_for(art: Artifact, target: Target) -> str:
+    from saisa_edge.evaluation.validate import precision_of
+
+    precision = precision_of(art.details)
+    check_precision(target, precision)
+    quantized_for = art.details.get("quantization", {}).get("recipe", {}).get("target")
+    if quantized_for == "cpu" and target.compute_capability is not None:
+        raise SaisaError(f"{art.path}: calibrated for --target cpu (7-bit weights for x86 kernels); calibrate again "
+                         f"with --target {target.name}")
+    return precision
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    tensorrt_version: str
+    compute_capability: tuple[int, int]
+    target: str
+    precision: str
+    attention: str
+    plugin_version: str | None
+    max_batch: int
+    max_context: int
+    profiles: dict[str, list[str]]
+    artifact: dict[str, Any]  # path, manifest checksum, details (config, dtype, quantization, ...)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_engine(folder: Path, manifest: dict[str, Any], trt_version: str, capability: tuple[int, int]) -> None:
+    """An engine runs only on the TensorRT version and GPU generation that built it."""
+    if manifest.get("kind") != KIND:
+        raise SaisaError(f"{folder}: holds a {manifest.get('kind')!r}, not TensorRT engines")
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise SaisaError(f"{folder}: manifest version {manifest.get('manifest_version')}; build the engines again")
+    d = manifest["details"]
+    if d["tensorrt_version"] != trt_version:
+        raise SaisaError(f"{folder}: built with TensorRT {d['tensorrt_version']}, this is TensorRT {trt_version}; "
+                         "rebuild with `saisa-edge build` here")
+    if tuple(d["compute_capability"]) != tuple(capability):
+        built = "{}.{}".format(*d["compute_capability"])
+        raise SaisaError(f"{folder}: built for compute capability {built}, this GPU is {capability[0]}.{capability[1]}; "
+                         "rebuild with `saisa-edge build` on this GPU")
+
+
+def read_engine_manifest(folder: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((folder / MANIFEST_NAME).read_text()))
+    except FileNotFoundError:
+        raise SaisaError(f"{folder}: no {MANIFEST_NAME}; not an engine folder (run `saisa-edge build`)") from None
+    except (OSError, ValueError) as e:
+        raise SaisaError(f"{folder}/{MANIFEST_NAME}: unreadable ({e}); build the engines again") from None
