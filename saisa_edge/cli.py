@@ -360,3 +360,82 @@ def _gpu_and_tensorrt() -> tuple[Any, tuple[int, int]]:
     if int(err) != 0:
         raise SaisaError(f"build: no CUDA GPU found ({err}); {INSTALL_HINT}")
     return trt, (int(props.major), int(props.minor))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--config", "name", default=None, help="A built-in configuration: vicuna-7b or llama3-8b.")
+@click.option("--text-tokens", type=int, default=32, show_default=True, help="Prompt tokens beside the image.")
+@click.option("--json", "as_json", is_flag=True)
+def flops(checkpoint: Path | None, name: str | None, text_tokens: int, as_json: bool) -> None:
+    """Analytic inference FLOPs per stage, SAISA against the LLaVA-1.5 layout."""
+    from saisa_edge.evaluation.flops import CONFIGS, Shapes, report, table
+
+    if (checkpoint is None) == (name is None):
+        raise SaisaError("flops: give a CHECKPOINT folder or --config NAME (one of them)")
+    if name is not None:
+        if name not in CONFIGS:
+            raise SaisaError(f"--config {name!r}: choose one of {', '.join(CONFIGS)}")
+        shapes, label = CONFIGS[name], name
+    else:
+        from saisa_edge.checkpoint.loader import open_checkpoint
+
+        assert checkpoint is not None
+        shapes, label = Shapes.of(open_checkpoint(checkpoint).config), str(checkpoint)
+    r = report(shapes, text_tokens, label)
+    click.echo(json.dumps(r, indent=2) if as_json else table(r))
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Compute dtype of a checkpoint.")
+@click.option("--prompt-lengths", default="16,128", show_default=True, help="Comma list of prompt token counts.")
+@click.option("--batches", default="1,2", show_default=True, help="Comma list of batch sizes.")
+@click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Best of this many.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="PNG of the stage breakdown.")
+def bench(source: Path, backend: str, vision_tower: Path | None, dtype: str | None, prompt_lengths: str,
+          batches: str, decode_tokens: int, repeats: int, as_json: bool, plot: Path | None) -> None:
+    """Time SOURCE (SAISA) against the LLaVA-1.5 layout on the same backbone and backend."""
+    from saisa_edge.backends import open_model
+    from saisa_edge.evaluation.bench import bench as run_bench, plot as draw
+    from saisa_edge.inputs.conversation import get_template
+    from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
+    from saisa_edge.progress import say
+
+    def ints(flag: str, text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            values = ()
+        if not values or min(values) < 1:
+            raise SaisaError(f"{flag} {text!r}: give positive integers separated by commas")
+        return values
+
+    lengths, sizes = ints("--prompt-lengths", prompt_lengths), ints("--batches", batches)
+    model, tokenizer = open_model(source, backend, vision_tower, dtype)
+    cfg = model.config
+    if max(lengths) + cfg.num_visual_tokens + decode_tokens >= model.max_context:
+        raise SaisaError(f"--prompt-lengths {max(lengths)}: with {cfg.num_visual_tokens} visual tokens and "
+                         f"{decode_tokens} decoded it exceeds the context of {model.max_context}")
+    pixels = preprocess(load_image(DEMO_IMAGE), cfg.vision, cfg.mm.image_aspect_ratio == "pad")
+    report = run_bench(model, tokenizer, get_template(tokenizer.default_conv_mode()), pixels, lengths, sizes,
+                       decode_tokens, repeats, progress=say)
+    if plot is not None:
+        draw(report, str(plot))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'layout':<10} {'prompt':>6} {'batch':>5} {'ttft cold':>10} {'cached':>8} {'vision':>8} "
+               f"{'vis kv':>7} {'prefill/s':>10} {'decode/s':>9}")
+    for p in report["points"]:
+        cached = f"{p['ttft_cached_ms']:8.1f}" if p["ttft_cached_ms"] is not None else f"{'-':>8}"
+        click.echo(f"{p['layout']:<10} {p['prompt_tokens']:6d} {p['batch']:5d} {p['ttft_cold_ms']:10.1f} {cached} "
+                   f"{p['vision_ms']:8.1f} {p['visual_kv_ms']:7.1f} {p['prefill_tokens_per_s']:10.1f} "
+                   f"{p['decode_tokens_per_s']:9.1f}")
+    click.echo(f"visual cache {report['visual_cache_bytes_per_image'] / 2**20:.1f} MiB per image; "
+               f"peak RSS {report['peak_rss_mib']:.0f} MiB; median decode speed-up over LLaVA-1.5 "
+               f"{report['median_decode_speedup']}x")
