@@ -27,6 +27,7 @@ class PackedKV:
     key_scales: tuple[torch.Tensor, ...]  # [B, KV, 1, D] per layer; empty when native
     value_scales: tuple[torch.Tensor, ...]  # [B, KV, N, 1]
     starts: torch.Tensor
+    native: VisualKV | None = None  # the entry itself when stored as computed: hits share it
 
     @property
     def nbytes(self) -> int:
@@ -61,7 +62,7 @@ def _quantize(x: torch.Tensor, dim: int, storage: str) -> tuple[torch.Tensor, to
 
 def pack(kv: VisualKV, storage: str) -> PackedKV:
     if storage == "native":
-        return PackedKV(storage, kv.keys, kv.values, (), (), kv.starts)
+        return PackedKV(storage, kv.keys, kv.values, (), (), kv.starts, kv)
     keys = [_quantize(k, 2, storage) for k in kv.keys]  # amax over tokens: per head and channel
     values = [_quantize(v, 3, storage) for v in kv.values]  # amax over channels: per head and token
     return PackedKV(storage, tuple(q for q, _ in keys), tuple(q for q, _ in values),
@@ -70,7 +71,7 @@ def pack(kv: VisualKV, storage: str) -> PackedKV:
 
 def unpack(p: PackedKV, dtype: torch.dtype) -> VisualKV:
     if p.storage == "native":
-        return VisualKV(p.keys, p.values, p.starts)
+        return p.native or VisualKV(p.keys, p.values, p.starts)
     keys = tuple((q.float() * s.float()).to(dtype) for q, s in zip(p.keys, p.key_scales))
     values = tuple((q.float() * s.float()).to(dtype) for q, s in zip(p.values, p.value_scales))
     return VisualKV(keys, values, p.starts)
