@@ -21,6 +21,21 @@ BLOCK_N = 64  # keys per step
 
 
 @triton.jit
+def _softmax_step(q, k, v, visible, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: scores in the input dtype, masked to `visible`,
+    folded into the running max `m_i`, sum `l_i` and output `acc` (fp32)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(q.dtype).to(tl.float32)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block no query sees yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def naavit_attention_kernel(
     q_ptr, k_ptr, v_ptr, vk_ptr, vv_ptr, qpos_ptr, kpos_ptr, vend_ptr, out_ptr,
     H, T, S, N, VB, scale,
@@ -60,18 +75,10 @@ def naavit_attention_kernel(
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        k = tl.load(vk_base + cols[:, None] * stride_vkn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(q.dtype).to(tl.float32)
-        visible = sees_image[:, None] & col_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vv_base + cols[:, None] * stride_vkn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
-        m_i = m_new
+        tile = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(vk_base + cols[:, None] * stride_vkn + dims[None, :], mask=tile, other=0.0)
+        v = tl.load(vv_base + cols[:, None] * stride_vkn + dims[None, :], mask=tile, other=0.0)
+        m_i, l_i, acc = _softmax_step(q, k, v, sees_image[:, None] & col_ok[None, :], m_i, l_i, acc, DOT_PRECISION)
 
     # text segment: causal by position
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
@@ -80,18 +87,11 @@ def naavit_attention_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < S
         kpos = tl.load(kpos_ptr + b * stride_kpos_b + cols, mask=col_ok, other=0)
-        k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(q.dtype).to(tl.float32)
+        tile = col_ok[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=tile, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_ks + dims[None, :], mask=tile, other=0.0)
         visible = (kpos[None, :] <= qpos[:, None]) & col_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_ks + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + dims[None, :],
