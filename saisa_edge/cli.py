@@ -106,7 +106,7 @@ def _pixels(session: Any, image: Any) -> Any:
 
     cfg = session.backend.config
     img = load_image(image) if isinstance(image, Path) else image
-    return preprocess(img, cfg.vision, cfg.mm.image_aspect_ratio == "pad")
+    return preprocess(img, cfg.vision, cfg.mm.pads_images)
 
 
 def _echo(piece: str) -> None:
@@ -280,7 +280,7 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
                          smoothquant or None, percentile, max_noise)
     cfg = open_source(artifact).config
-    data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.image_aspect_ratio == "pad")
+    data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.pads_images)
     details = run_calibration(artifact, output, recipe, data, decode_steps, force)
     say(f"wrote {output}: {json.dumps(summary(details))}")
     if report_samples:
@@ -421,7 +421,7 @@ def bench(source: Path, backend: str, vision_tower: Path | None, dtype: str | No
     if max(lengths) + cfg.num_visual_tokens + decode_tokens >= model.max_context:
         raise SaisaError(f"--prompt-lengths {max(lengths)}: with {cfg.num_visual_tokens} visual tokens and "
                          f"{decode_tokens} decoded it exceeds the context of {model.max_context}")
-    pixels = preprocess(load_image(DEMO_IMAGE), cfg.vision, cfg.mm.image_aspect_ratio == "pad")
+    pixels = preprocess(load_image(DEMO_IMAGE), cfg.vision, cfg.mm.pads_images)
     report = run_bench(model, tokenizer, get_template(tokenizer.default_conv_mode()), pixels, lengths, sizes,
                        decode_tokens, repeats, progress=say)
     if plot is not None:

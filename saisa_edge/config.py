@@ -84,6 +84,11 @@ class MultimodalConfig:
     projector_depth: int = 2  # mlp{N}x_gelu; 0 means a single `linear` projector
     image_aspect_ratio: str = "pad"
 
+    @property
+    def pads_images(self) -> bool:
+        """LLaVA-1.5's `pad`: images are centred on a square before CLIP's preprocessing."""
+        return self.image_aspect_ratio == "pad"
+
 
 @dataclass(frozen=True)
 class VisionConfig:

@@ -29,7 +29,7 @@ from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.model.split import TextCache, text_layout
 from saisa_edge.runtime.kv_storage import pack, unpack
 from saisa_edge.runtime.sampling import SamplingParams
-from saisa_edge.runtime.session import Request, Session, user_message
+from saisa_edge.runtime.session import Request, Session, common_prefix, user_message
 from saisa_edge.runtime.visual_cache import VisualCache
 
 STEPS = 32
@@ -156,12 +156,10 @@ def _greedy(backend: Backend, tokenizer: PromptTokenizer, template: Template, pa
     return Session(backend, tokenizer, template, cache).generate(request).tokens
 
 
-def _common_prefix(a: list[int], b: list[int]) -> float:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
+def _greedy_match(a: list[int], b: list[int]) -> float:
+    """The share of the longer answer that both give before they first differ."""
     longest = max(len(a), len(b))
-    return n / longest if longest else 1.0
+    return common_prefix(a, b) / longest if longest else 1.0
 
 
 @torch.no_grad()
@@ -205,7 +203,7 @@ def compare_pair(reference: Backend, candidate: Backend, tokenizer: PromptTokeni
         worst_layer=worst, worst_layer_error=layers[worst],
         decoder=StageError.of("logits", ref_logits, decoder_alone),
         cosine_min=min(cosines), cosine_mean=float(np.mean(cosines)), top1=top1,
-        greedy=_common_prefix(ref_tokens, cand_tokens), reference_tokens=ref_tokens, candidate_tokens=cand_tokens,
+        greedy=_greedy_match(ref_tokens, cand_tokens), reference_tokens=ref_tokens, candidate_tokens=cand_tokens,
     )
 
 
@@ -262,7 +260,7 @@ def run_validation(candidate: Path, reference: Path | None = None, vision_tower:
     model, tokenizer = open_model(candidate, backend)
     ref, _ = open_model(checkpoint, "torch", tower, "fp32")
     cfg = ref.config
-    data = pairs(cfg.vision, samples, images, prompts, bundled="validation", pad=cfg.mm.image_aspect_ratio == "pad")
+    data = pairs(cfg.vision, samples, images, prompts, bundled="validation", pad=cfg.mm.pads_images)
     precision = precision_of(details)
     bounds = asdict(DEFAULT_THRESHOLDS[precision])
     bounds.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -87,7 +87,8 @@ class _Row:
     finish: str | None = None
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids `a` and `b` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -210,7 +211,7 @@ class Session:
             row = rows[0]
             kept, cache = 0, TextCache.empty(cfg, 1, dtype)
             if reuse is not None:
-                kept = min(_common_prefix(row.text, reuse[0]), len(row.text) - 1)
+                kept = min(common_prefix(row.text, reuse[0]), len(row.text) - 1)
                 cache = reuse[1].truncated(kept)
             logits, cache = backend.forward(torch.tensor([row.text[kept:]]), torch.tensor([row.positions[kept:]]),
                                             cache, visual)
