@@ -17,7 +17,9 @@ from typing import Any
 import onnx
 import torch
 
-from saisa_edge.artifacts import MANIFEST_NAME, MANIFEST_VERSION, atomic_folder, sha256_file, write_manifest
+from saisa_edge.artifacts import (
+    MANIFEST_NAME, MANIFEST_VERSION, atomic_folder, read_manifest, sha256_file, write_manifest,
+)
 from saisa_edge.checkpoint.loader import CheckpointSource
 from saisa_edge.config import DTYPES, MultimodalConfig, RopeScaling, SaisaConfig, TextConfig, VisionConfig
 from saisa_edge.errors import SaisaError
@@ -61,10 +63,7 @@ def _check(options: ExportOptions, cfg: SaisaConfig) -> int:
 
 
 def _is_artifact(folder: Path) -> bool:
-    try:
-        return json.loads((folder / MANIFEST_NAME).read_text()).get("kind") == KIND
-    except (OSError, ValueError):
-        return False
+    return (read_manifest(folder) or {}).get("kind") == KIND
 
 
 def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions, force: bool = False,
@@ -131,8 +130,18 @@ class Artifact:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.details["dtype"]]
 
+    @property
+    def precision(self) -> str:
+        return precision_of(self.details)
+
     def graph(self, name: str) -> Path:
         return self.path / self.details["graphs"][name]["file"]
+
+
+def precision_of(details: dict[str, Any]) -> str:
+    """What an artifact's linear layers compute in: its calibration's precision, else its dtype."""
+    quantization = details.get("quantization")
+    return str(quantization["recipe"]["precision"] if quantization else details["dtype"])
 
 
 def config_from_json(raw: dict[str, Any]) -> SaisaConfig:

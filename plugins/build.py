@@ -18,7 +18,7 @@ from saisa_edge.export import graphs as io
 from saisa_edge.export.artifact import Artifact
 from saisa_edge.targets import Target, check_precision
 
-KIND = "tensorrt-engines"
+ENGINE_KIND = "tensorrt-engines"
 ATTENTION_MODES = ("auto", "plugin", "native", "decomposed")
 PYTHON_AOT_PLUGINS = (10, 9)  # tensorrt.plugin with ahead-of-time implementations
 NATIVE_ATTENTION = (10, 14)  # ONNX Attention in TensorRT's parser
@@ -141,16 +141,12 @@ def check_fits(art: Artifact, options: BuildOptions, weights_bytes: int, max_con
                          f"{options.target.memory_gib:g} GiB; lower --max-batch or --max-context, or quantize")
 
 
-def check_precision_for(art: Artifact, target: Target) -> str:
-    from saisa_edge.evaluation.validate import precision_of
-
-    precision = precision_of(art.details)
-    check_precision(target, precision)
+def check_precision_for(art: Artifact, target: Target) -> None:
+    check_precision(target, art.precision)
     quantized_for = art.details.get("quantization", {}).get("recipe", {}).get("target")
     if quantized_for == "cpu" and target.compute_capability is not None:
         raise SaisaError(f"{art.path}: calibrated for --target cpu (7-bit weights for x86 kernels); calibrate again "
                          f"with --target {target.name}")
-    return precision
 
 
 @dataclass(frozen=True)
@@ -172,7 +168,7 @@ class EngineManifest:
 
 def check_engine(folder: Path, manifest: dict[str, Any], trt_version: str, capability: tuple[int, int]) -> None:
     """An engine runs only on the TensorRT version and GPU generation that built it."""
-    if manifest.get("kind") != KIND:
+    if manifest.get("kind") != ENGINE_KIND:
         raise SaisaError(f"{folder}: holds a {manifest.get('kind')!r}, not TensorRT engines")
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise SaisaError(f"{folder}: manifest version {manifest.get('manifest_version')}; build the engines again")

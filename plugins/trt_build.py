@@ -91,12 +91,12 @@ def build_engines(art: Artifact, out: Path, options: build.BuildOptions, attenti
                 (tmp / f.name).write_bytes(f.read_bytes())
         manifest = build.EngineManifest(
             tensorrt_version=trt.__version__, compute_capability=capability, target=options.target.name,
-            precision=build.check_precision_for(art, options.target), attention=attention,
+            precision=art.precision, attention=attention,
             plugin_version=naavit.PLUGIN_VERSION if attention == "plugin" else None,
             max_batch=options.max_batch, max_context=max_context, profiles=built,
             artifact={"path": str(art.path), "manifest_sha256": sha256_file(art.path / MANIFEST_NAME),
                       **{k: art.details[k] for k in ("config", "dtype", "conv_mode", "source", "max_context")},
                       "quantization": art.details.get("quantization")},
         )
-        write_manifest(tmp, build.KIND, manifest.as_json())
+        write_manifest(tmp, build.ENGINE_KIND, manifest.as_json())
     return manifest.as_json()

@@ -69,6 +69,14 @@ def write_manifest(folder: Path, kind: str, details: dict[str, Any]) -> Manifest
     return manifest
 
 
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest as written, or None when it has none or it cannot be parsed."""
+    try:
+        return dict(json.loads((folder / MANIFEST_NAME).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 @contextmanager
 def atomic_folder(out: Path, force: bool, flag: str = "-o") -> Iterator[Path]:
     """Yield a temporary folder that replaces `out` only once the block finishes."""

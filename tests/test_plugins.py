@@ -131,7 +131,7 @@ def test_memory_budget(artifact):
 
 
 def test_engine_compatibility_checks(tmp_path):
-    manifest = {"kind": build.KIND, "manifest_version": 1,
+    manifest = {"kind": build.ENGINE_KIND, "manifest_version": 1,
                 "details": {"tensorrt_version": "10.16.0", "compute_capability": [8, 7]}}
     build.check_engine(tmp_path, manifest, "10.16.0", (8, 7))
     with pytest.raises(SaisaError, match="built with TensorRT 10.16.0, this is TensorRT 10.3.0"):

@@ -6,13 +6,12 @@ checkpoint, ONNX Runtime an artifact folder, and TensorRT engines join the same 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from saisa_edge.artifacts import MANIFEST_NAME
+from saisa_edge.artifacts import MANIFEST_NAME, read_manifest
 from saisa_edge.config import SaisaConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.tokenizer import PromptTokenizer
@@ -48,7 +47,9 @@ def open_model(source: Path, backend: str = "auto", vision_tower: Path | None = 
     """A backend and tokenizer for SOURCE: an artifact folder (ONNX Runtime by default; `torch`
     runs the checkpoint it was exported from), an engine folder (TensorRT) or a checkpoint (PyTorch)."""
     is_artifact = (source / MANIFEST_NAME).is_file() and not (source / "config.json").is_file()
-    if is_artifact and _kind(source) == "tensorrt-engines":
+    from saisa_edge.plugins.build import ENGINE_KIND
+
+    if is_artifact and (read_manifest(source) or {}).get("kind") == ENGINE_KIND:
         if backend not in ("auto", "tensorrt"):
             raise SaisaError(f"--backend {backend}: {source} holds TensorRT engines; use --backend tensorrt")
         from saisa_edge.backends.tensorrt import TensorRTBackend
@@ -81,13 +82,6 @@ def open_model(source: Path, backend: str = "auto", vision_tower: Path | None = 
         return _torch(source, vision_tower, dtype or "fp32")
     raise SaisaError(f"SOURCE {source}: neither a SAISA checkpoint (config.json) nor an artifact folder "
                      f"({MANIFEST_NAME})")
-
-
-def _kind(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / MANIFEST_NAME).read_text()).get("kind")
-    except (OSError, ValueError):
-        return None
 
 
 def _torch(checkpoint: Path, vision_tower: Path | None, dtype: str) -> tuple[Backend, PromptTokenizer]:

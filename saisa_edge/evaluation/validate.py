@@ -9,7 +9,6 @@ own greedy decoding reproduces before it first differs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.comparator.struct import IterationResult
 from polygraphy.logger import G_LOGGER
 
-from saisa_edge.artifacts import MANIFEST_NAME
+from saisa_edge.artifacts import MANIFEST_NAME, read_manifest
 from saisa_edge.backends import Backend
 from saisa_edge.calibration.data import Pair
 from saisa_edge.errors import SaisaError
@@ -235,12 +234,6 @@ def table(report: Report) -> str:
     return "\n".join(rows)
 
 
-def precision_of(details: dict[str, Any]) -> str:
-    """What an artifact (or an engine folder, which carries its artifact's details) computes in."""
-    quantization = details.get("quantization")
-    return str(quantization["recipe"]["precision"] if quantization else details["dtype"])
-
-
 def run_validation(candidate: Path, reference: Path | None = None, vision_tower: Path | None = None,
                    images: Path | None = None, prompts: Path | None = None, samples: int = 6,
                    overrides: dict[str, float | None] | None = None, backend: str = "auto",
@@ -248,6 +241,7 @@ def run_validation(candidate: Path, reference: Path | None = None, vision_tower:
     """Open CANDIDATE (an artifact or engine folder) and its fp32 reference checkpoint, then `validate`."""
     from saisa_edge.backends import open_model
     from saisa_edge.calibration.data import pairs
+    from saisa_edge.export.artifact import precision_of
     from saisa_edge.inputs.conversation import get_template
 
     details = read_details(candidate)
@@ -269,8 +263,11 @@ def run_validation(candidate: Path, reference: Path | None = None, vision_tower:
 
 
 def read_details(folder: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        raise SaisaError(f"{folder}: no readable {MANIFEST_NAME}; validate takes an artifact or engine folder") from None
-    return dict(manifest["details"])
+    """An artifact's details; for an engine folder, those of the artifact it was built from."""
+    from saisa_edge.plugins.build import ENGINE_KIND
+
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise SaisaError(f"{folder}: no readable {MANIFEST_NAME}; validate takes an artifact or engine folder")
+    details = manifest["details"]
+    return dict(details["artifact"] if manifest.get("kind") == ENGINE_KIND else details)
