@@ -62,6 +62,13 @@ def _check(options: ExportOptions, cfg: SaisaConfig) -> int:
     return context
 
 
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer files of `src` that exist, into `dst` (artifacts and engines carry their tokenizer)."""
+    for f in _TOKENIZER_FILES:
+        if (src / f).exists():
+            shutil.copy2(src / f, dst / f)
+
+
 def _is_artifact(folder: Path) -> bool:
     return (read_manifest(folder) or {}).get("kind") == KIND
 
@@ -95,9 +102,7 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
             say(f"exported {name}.onnx ({facts['weights_bytes'] / 2**20:.1f} MiB of weights, {facts['nodes']} nodes)")
-        for f in _TOKENIZER_FILES:
-            if (source.path / f).exists():
-                shutil.copy2(source.path / f, tmp / f)
+        copy_tokenizer(source.path, tmp)
         details = {
             "config": dataclasses.asdict(source.config),
             "dtype": options.dtype, "opset": options.opset, "attention": options.attention,

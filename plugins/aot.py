@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -17,9 +18,10 @@ from triton.compiler import ASTSource
 
 from saisa_edge.plugins.naavit_kernel import dot_precision, launch_config, naavit_attention_kernel
 
+Size = Any  # an int, or a TensorRT shape expression
 PTX_VERSION = 85
 NUM_WARPS = 4
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+DTYPES = ("fp32", "fp16", "bf16")  # the export names, which are also Triton's
 # Sizes passed at each launch (int32, in kernel order, after the nine pointers), as
 # functions of (B, T, S, N, VB) for contiguous tensors; everything else is compiled in.
 RUNTIME_ARGS = ("T", "S", "N", "VB", "stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_vkb",
@@ -42,7 +44,9 @@ class CompiledKernel:
 
 
 def _signature(dtype: str, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> tuple[dict, dict]:
-    t = DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"no NAAViT kernel for {dtype}")
+    t = dtype
     sig: dict[str, str] = {n: f"*{t}" for n in ("q_ptr", "k_ptr", "v_ptr", "vk_ptr", "vv_ptr")}
     sig.update(qpos_ptr="*i64", kpos_ptr="*i64", vend_ptr="*i64", out_ptr=f"*{t}")
     seq = ("H", "T", "S", "N", "VB", "scale", "stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh",
@@ -77,8 +81,9 @@ def compile_naavit(sm: int, dtype: str, num_heads: int, num_kv_heads: int, head_
                           version.group(1), entry.group(2).count(".param"))
 
 
-def runtime_values(num_heads: int, num_kv_heads: int, head_size: int, t: int, s: int, n: int, vb: int) -> list[int]:
+def runtime_values(num_heads: int, num_kv_heads: int, head_size: int, t: Size, s: Size, n: Size, vb: Size) -> list[Size]:
     """RUNTIME_ARGS for contiguous q/out [B, H, T, D], k/v [B, KV, S, D], visual [VB, KV, N, D],
-    qpos [B, T], kpos [B, S] (the TensorRT plugin writes the same as shape expressions)."""
+    qpos [B, T], kpos [B, S]. The sizes are ints here and TensorRT shape expressions in the
+    plugin, so each product keeps the size on the left."""
     h, kv, d = num_heads, num_kv_heads, head_size
-    return [t, s, n, vb, h * t * d, t * d, kv * s * d, s * d, kv * n * d, n * d, h * t * d, t * d, t, s]
+    return [t, s, n, vb, t * (h * d), t * d, s * (kv * d), s * d, n * (kv * d), n * d, t * (h * d), t * d, t, s]

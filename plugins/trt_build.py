@@ -18,7 +18,7 @@ import tensorrt as trt
 from saisa_edge.artifacts import MANIFEST_NAME, atomic_folder, sha256_file, write_manifest
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
-from saisa_edge.export.artifact import Artifact
+from saisa_edge.export.artifact import Artifact, copy_tokenizer
 from saisa_edge.export.graphs import GRAPHS
 from saisa_edge.plugins import build
 from saisa_edge.progress import say
@@ -86,9 +86,7 @@ def build_engines(art: Artifact, out: Path, options: build.BuildOptions, attenti
         tmp_cache = cache_path.with_name(cache_path.name + ".tmp")
         tmp_cache.write_bytes(cache_blob)
         tmp_cache.replace(cache_path)
-        for f in art.path.iterdir():  # the tokenizer travels with the engines
-            if f.name.startswith("tokenizer") or f.name.startswith("chat_template") or f.name.endswith("tokens.json"):
-                (tmp / f.name).write_bytes(f.read_bytes())
+        copy_tokenizer(art.path, tmp)
         manifest = build.EngineManifest(
             tensorrt_version=trt.__version__, compute_capability=capability, target=options.target.name,
             precision=art.precision, attention=attention,

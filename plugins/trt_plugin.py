@@ -13,7 +13,7 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from saisa_edge.export import naavit
-from saisa_edge.plugins.aot import RUNTIME_ARGS, compile_naavit
+from saisa_edge.plugins.aot import RUNTIME_ARGS, compile_naavit, runtime_values
 from saisa_edge.plugins.naavit_kernel import BLOCK_M
 
 _DTYPES = {trt.DataType.FLOAT: "fp32", trt.DataType.HALF: "fp16", trt.DataType.BF16: "bf16"}
@@ -43,15 +43,14 @@ def naavit_aot(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorD
     if not _build_sm:
         raise RuntimeError("saisa plugin: configure(sm) before building")
     kernel = compile_naavit(_build_sm[0], _DTYPES[query.dtype], num_heads, num_kv_heads, head_size, scale)
-    b, h, t, d = query.shape_expr
+    b, t = query.shape_expr[0], query.shape_expr[2]
     s, n, vb = key.shape_expr[2], visual_key.shape_expr[2], visual_key.shape_expr[0]
-    kv = num_kv_heads
     launch = trtp.KernelLaunchParams()
     launch.grid_x = trtp.cdiv(t, BLOCK_M)
-    launch.grid_y = b * h
+    launch.grid_y = b * num_heads
     launch.block_x = kernel.threads
     launch.shared_mem = kernel.shared_bytes
-    values = [t, s, n, vb, h * t * d, t * d, kv * s * d, s * d, kv * n * d, n * d, h * t * d, t * d, t, s]
+    values = runtime_values(num_heads, num_kv_heads, head_size, t, s, n, vb)
     extra = trtp.SymIntExprs(len(RUNTIME_ARGS))
     for i, v in enumerate(values):
         extra[i] = trtp.SymInt32(v)

@@ -11,11 +11,13 @@ maintain it. Nothing here runs without TensorRT and a GPU; the checks it relies 
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import graphs as io
 from saisa_edge.export.artifact import config_from_json
@@ -75,7 +77,7 @@ class _Engine:
             ctx = self.contexts[profile]
             for i in self.inputs:
                 ctx.set_input_shape(i, tuple(self.engine.get_tensor_profile_shape(i, profile)[2]))
-            numel = int(torch.tensor(tuple(ctx.get_tensor_shape(name))).prod())
+            numel = math.prod(ctx.get_tensor_shape(name))
             self.buffers[key] = torch.empty(numel, dtype=self._dtype(name), device="cuda")
         return self.buffers[key]
 
@@ -95,14 +97,7 @@ class _Engine:
         from cuda.bindings import runtime as cudart
 
         cudart.cudaStreamSynchronize(self.stream)
-        return {name: buffers[name][: _numel(shapes[name])].view(shapes[name]) for name in self.outputs}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        return {name: buffers[name][: math.prod(shapes[name])].view(shapes[name]) for name in self.outputs}
 
 
 class TensorRTBackend:
@@ -124,7 +119,7 @@ class TensorRTBackend:
         self.engines = {name: _Engine(trt, runtime, folder / f"{name}.engine", int(self.stream)) for name in GRAPHS}
         artifact = details["artifact"]
         self.config = config_from_json(artifact["config"])
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[artifact["dtype"]]
+        self.dtype = DTYPES[artifact["dtype"]]
         self.max_context = int(details["max_context"])
         h = hashlib.sha256()
         for name in ("vision.engine", "visual_kv.engine"):
