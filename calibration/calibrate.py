@@ -14,7 +14,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +72,7 @@ class _Run:
             if names:
                 paths[name] = workdir / f"{name}.onnx"
                 _save(qdq.with_taps(models[name], names), paths[name])
+        self.art = art
         self.backend = OrtBackend(art, paths, self._observe)
         self.features = features
         original_vision = self.backend.vision
@@ -93,9 +93,9 @@ class _Run:
                 raise SaisaError(f"calibration: {graph}.onnx produced inf/NaN at {name}; the float artifact "
                                  "overflows on this data (fp16?): calibrate an fp32 export") from None
 
-    def run(self, art: Artifact, data: list[Pair], decode_steps: int, label: str) -> Stats:
-        tokenizer = PromptTokenizer.load(art.path)
-        session = Session(self.backend, tokenizer, TEMPLATES[art.details["conv_mode"]])
+    def run(self, data: list[Pair], decode_steps: int, label: str) -> Stats:
+        tokenizer = PromptTokenizer.load(self.art.path)
+        session = Session(self.backend, tokenizer, TEMPLATES[self.art.details["conv_mode"]])
         params = SamplingParams(temperature=0.0)
         for pair in track(data, label, total=len(data)):
             session.generate(Request(pair.prompt, pair.pixels, params, max_new_tokens=decode_steps + 1))
@@ -123,7 +123,7 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
         work = Path(tmp)
         (work / "1").mkdir()
         stats = _Run(art, models, taps, channels, work / "1", features).run(
-            art, data, decode_steps, f"calibrating (pass 1/{passes})")
+            data, decode_steps, f"calibrating (pass 1/{passes})")
         smoothed: dict[str, list[str]] = {}
         if recipe.smoothquant is not None:
             for name, group in sites.items():
@@ -132,7 +132,7 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
             if any(smoothed.values()):
                 (work / "2").mkdir()
                 again = _Run(art, models, smoothed, set(), work / "2", features).run(
-                    art, data, decode_steps, "calibrating (pass 2/2, smoothed inputs)")
+                    data, decode_steps, "calibrating (pass 2/2, smoothed inputs)")
                 for name, found in again.items():
                     stats[name].update(found)
     calibration_s = time.perf_counter() - t0
@@ -181,9 +181,7 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
 
 def summary(details: dict[str, Any]) -> dict[str, Any]:
     q = details["quantization"]
-    per_graph: dict[str, Any] = defaultdict(dict)
-    for name, g in details["graphs"].items():
-        per_graph[name] = {"quantized_linears": g.get("quantized_linears", 0), "smoothed_inputs":
-                           g.get("smoothed_inputs", 0), "float_fallback": len(g.get("float_fallback", [])),
-                           "weights_mib": round(g["weights_bytes"] / 2**20, 1)}
-    return {"recipe": q["recipe"], "samples": q["samples"], "seconds": q["seconds"], "graphs": dict(per_graph)}
+    per_graph = {name: {"quantized_linears": g["quantized_linears"], "smoothed_inputs": g["smoothed_inputs"],
+                        "float_fallback": len(g["float_fallback"]), "weights_mib": round(g["weights_bytes"] / 2**20, 1)}
+                 for name, g in details["graphs"].items()}
+    return {"recipe": q["recipe"], "samples": q["samples"], "seconds": q["seconds"], "graphs": per_graph}

@@ -117,7 +117,7 @@ def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np
         scale = np.clip(channel_amax[act], 1e-5, None) ** alpha / np.clip(w_amax, 1e-5, None) ** (1 - alpha)
         scale = np.clip(scale, 1e-5, None).astype(np.float32)
         for site, w in zip(group, weights):
-            _replace(init[site.weight], (w * scale[:, None]).astype(numpy_helper.to_array(init[site.weight]).dtype))
+            _replace(init[site.weight], (w * scale[:, None]).astype(_np_dtype(init[site.weight])))
         norm = producers.get(act)
         gamma = next((i for i in norm.input if i in init and len(init[i].dims) == 1), None) \
             if norm is not None and norm.op_type == "Mul" else None
@@ -126,7 +126,7 @@ def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np
             _replace(init[gamma], (g.astype(np.float32) / scale).astype(g.dtype))
             renamed[act] = act
             continue
-        dtype = numpy_helper.to_array(init[group[0].weight]).dtype
+        dtype = _np_dtype(init[group[0].weight])
         inverse = numpy_helper.from_array((1.0 / scale).astype(dtype), f"{act}.smooth_scale")
         graph.initializer.append(inverse)
         renamed[act] = f"{act}.smoothed"
@@ -147,6 +147,10 @@ def _insert_before(graph: onnx.GraphProto, new_nodes: dict[str, list[onnx.NodePr
         ordered.append(n)
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def _np_dtype(t: TensorProto) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
 
 
 def _replace(t: TensorProto, value: np.ndarray) -> None:
