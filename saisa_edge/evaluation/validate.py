@@ -25,8 +25,7 @@ from saisa_edge.calibration.data import Pair
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.conversation import Template
 from saisa_edge.inputs.tokenizer import PromptTokenizer
-from saisa_edge.model.split import TextCache, text_layout
-from saisa_edge.runtime.kv_storage import pack, unpack
+from saisa_edge.model.split import TextCache, VisualKV, text_layout
 from saisa_edge.runtime.sampling import SamplingParams
 from saisa_edge.runtime.session import Request, Session, common_prefix, user_message
 from saisa_edge.runtime.visual_cache import VisualCache
@@ -148,10 +147,18 @@ class Report:
         }
 
 
-def _greedy(backend: Backend, tokenizer: PromptTokenizer, template: Template, pair: Pair,
-            kv_storage: str = "native") -> list[int]:
-    request = Request(pair.prompt, pair.pixels, SamplingParams(temperature=0.0), max_new_tokens=STEPS)
+def _seeded_cache(backend: Backend, pair: Pair, start: int, kv: VisualKV,
+                  kv_storage: str = "native") -> tuple[VisualCache, VisualKV]:
+    """A visual cache already holding `kv` (greedy decoding then skips vision and visual K/V,
+    computed once above), and the K/V as the cache gives it back (stored as `kv_storage`)."""
     cache = VisualCache(backend.config.text, backend.identity, backend.dtype, 2**40, storage=kv_storage)
+    stored, _ = cache.get(pair.pixels, start, lambda: kv)
+    return cache, stored
+
+
+def _greedy(backend: Backend, tokenizer: PromptTokenizer, template: Template, pair: Pair,
+            cache: VisualCache) -> list[int]:
+    request = Request(pair.prompt, pair.pixels, SamplingParams(temperature=0.0), max_new_tokens=STEPS)
     return Session(backend, tokenizer, template, cache).generate(request).tokens
 
 
@@ -179,7 +186,8 @@ def compare_pair(reference: Backend, candidate: Backend, tokenizer: PromptTokeni
         "visual_kv", torch.cat([t.flatten() for t in (*ref_kv.keys, *ref_kv.values)]),
         torch.cat([t.flatten() for t in (*alone_kv.keys, *alone_kv.values)]))
 
-    ref_tokens = _greedy(reference, tokenizer, template, pair)
+    ref_cache, _ = _seeded_cache(reference, pair, start, ref_kv)
+    ref_tokens = _greedy(reference, tokenizer, template, pair, ref_cache)
     forced = text + ref_tokens[:-1] if ref_tokens else text
     forced_pos = positions + [positions[-1] + 1 + i for i in range(len(forced) - len(text))]
     steps = slice(len(text) - 1, len(forced))
@@ -191,11 +199,11 @@ def compare_pair(reference: Backend, candidate: Backend, tokenizer: PromptTokeni
 
     ref_logits = logits(reference, ref_kv)
     decoder_alone = logits(candidate, ref_kv)
-    stored = unpack(pack(candidate.visual_kv(cand_feats, start), kv_storage), candidate.dtype)
+    cand_cache, stored = _seeded_cache(candidate, pair, start, candidate.visual_kv(cand_feats, start), kv_storage)
     end_to_end = logits(candidate, stored)
     cosines = [_cosine(a.numpy(), b.numpy()) for a, b in zip(ref_logits, end_to_end)]
     top1 = float((ref_logits.argmax(-1) == end_to_end.argmax(-1)).float().mean())
-    cand_tokens = _greedy(candidate, tokenizer, template, pair, kv_storage)
+    cand_tokens = _greedy(candidate, tokenizer, template, pair, cand_cache)
     return SampleReport(
         image=str(pair.image), prompt=pair.prompt,
         vision=StageError.of("features", ref_feats, cand_feats), visual_kv=everything,
