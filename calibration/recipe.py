@@ -23,6 +23,7 @@ DEFAULT_KEEP = ("lm_head",)
 DEFAULT_METHOD = {"int8": "percentile", "fp8": "max"}
 DEFAULT_SMOOTHQUANT = 0.5
 DEFAULT_MAX_NOISE = 0.1
+DEFAULT_PERCENTILE = 99.99
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
@@ -33,7 +34,7 @@ class Recipe:
     method: str
     keep: tuple[str, ...]
     smoothquant: float | None  # SmoothQuant's alpha; None: no smoothing (always for FP8)
-    percentile: float = 99.99
+    percentile: float = DEFAULT_PERCENTILE
     max_noise: float = DEFAULT_MAX_NOISE  # a linear whose input would lose more (noise/signal) stays in float
 
     @property
@@ -63,7 +64,7 @@ class Recipe:
 
 
 def make_recipe(precision: str, target_name: str, method: str | None = None, keep: tuple[str, ...] = DEFAULT_KEEP,
-                smoothquant: float | None = DEFAULT_SMOOTHQUANT, percentile: float = 99.99,
+                smoothquant: float | None = DEFAULT_SMOOTHQUANT, percentile: float = DEFAULT_PERCENTILE,
                 max_noise: float = DEFAULT_MAX_NOISE) -> Recipe:
     if precision not in PRECISIONS:
         raise SaisaError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")

@@ -13,8 +13,10 @@ import click
 
 from saisa_edge import __version__
 from saisa_edge.backends import BACKENDS
+from saisa_edge.calibration import recipe as recipes
 from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
+from saisa_edge.runtime.kv_storage import STORAGES
 
 
 class _Group(click.Group):
@@ -72,7 +74,7 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Memory budget of the visual K/V cache."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Keep visual K/V on disk here, for later runs and other processes."),
-        click.option("--cache-storage", type=click.Choice(["native", "int8", "fp8"]), default="native",
+        click.option("--cache-storage", type=click.Choice(STORAGES), default="native",
                      show_default=True, help="Store cached visual K/V quantized (half of fp16's memory)."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--temperature", type=click.FloatRange(min=0), default=0.0, help="0 (default): greedy."),
@@ -243,20 +245,20 @@ def _report(candidate: Path, reference: Path | None, vision_tower: Path | None, 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Calibrated artifact folder to write.")
-@click.option("--precision", type=click.Choice(["int8", "fp8"]), required=True)
+@click.option("--precision", type=click.Choice(recipes.PRECISIONS), required=True)
 @click.option("--target", default="cpu", show_default=True,
               help="orin-agx, orin-nx, orin-nano, a100, l4, h100 or cpu (ONNX Runtime): what the graphs must run on.")
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of calibration images (default: bundled).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Prompt file, one per line (default: bundled).")
 @click.option("--samples", type=int, default=16, show_default=True, help="Image+prompt pairs to calibrate on.")
 @click.option("--method", default=None, help="max, percentile, entropy or mse (default: percentile for int8, max for fp8).")
-@click.option("--percentile", type=float, default=99.99, show_default=True)
-@click.option("--keep", default="lm_head", show_default=True,
+@click.option("--percentile", type=float, default=recipes.DEFAULT_PERCENTILE, show_default=True)
+@click.option("--keep", default=",".join(recipes.DEFAULT_KEEP), show_default=True,
               help="Comma list left in float: lm_head, vision ('' quantizes both).")
-@click.option("--smoothquant", type=float, default=0.5, show_default=True,
+@click.option("--smoothquant", type=float, default=recipes.DEFAULT_SMOOTHQUANT, show_default=True,
               help="SmoothQuant alpha for int8 (0 turns smoothing off).")
-@click.option("--max-noise", type=float, default=0.1, show_default=True,
-              help="A linear layer whose input int8/fp8 would blur more (noise/signal RMS) stays in float.")
+@click.option("--max-noise", type=float, default=recipes.DEFAULT_MAX_NOISE, show_default=True,
+              help="INT8: a linear layer whose input int8 would blur more (noise/signal RMS) stays in float.")
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True,
               help="Greedy decode steps calibrated after each prefill.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
@@ -296,7 +298,7 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
 @click.option("--images", type=click.Path(path_type=Path), default=None, help="Folder of images (default: bundled held-out set).")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None, help="Prompt file (default: bundled held-out set).")
 @click.option("--samples", type=click.IntRange(min=1), default=6, show_default=True)
-@click.option("--kv-storage", type=click.Choice(["native", "int8", "fp8"]), default="native", show_default=True,
+@click.option("--kv-storage", type=click.Choice(STORAGES), default="native", show_default=True,
               help="Measure with the visual K/V stored as the cache's --cache-storage would.")
 @_thresholds
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
