@@ -245,6 +245,16 @@ def test_calibrated_artifacts_run_close_to_float(calibrated, float_artifact, tin
         assert not torch.equal(ref, got)  # quantized for real
 
 
+def test_fp8_artifacts_run_with_quant_qdq_fusions_off(calibrated):
+    """ONNX Runtime's CPU has no fused FP8 Q/DQ kernels: the runtime turns the fusions off for FP8 only."""
+    entry = "session.disable_quant_qdq"
+    fp8 = OrtBackend(read_artifact(calibrated["fp8"])).sessions["decoder"].get_session_options()
+    assert fp8.get_session_config_entry(entry) == "1"
+    int8 = OrtBackend(read_artifact(calibrated["int8"])).sessions["decoder"].get_session_options()
+    with pytest.raises(Exception, match="does not have configuration"):
+        int8.get_session_config_entry(entry)  # int8 keeps ORT's fused integer kernels
+
+
 def test_already_quantized_and_bf16_are_refused(calibrated, tmp_path, tiny_gqa_dir):
     recipe = make_recipe("int8", "cpu")
     with pytest.raises(SaisaError, match="already quantized.*calibrate the float artifact"):

@@ -41,7 +41,7 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = torch.get_num_threads()
-        if artifact.details.get("quantization", {}).get("precision") == "fp8":
+        if artifact.precision == "fp8":
             options.add_session_config_entry("session.disable_quant_qdq", "1")  # CPU kernels lack fused FP8 Q/DQ
         paths = {name: (graphs or {}).get(name, artifact.graph(name)) for name in io.GRAPHS}
         try:
