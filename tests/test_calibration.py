@@ -292,3 +292,17 @@ def test_cli_calibrate_reports_and_refuses(tmp_path, float_artifact):
     result = runner.invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "g"), "--precision", "int8",
                                   "--prompts", str(empty)])
     assert result.exit_code == 2 and "no usable prompt" in result.output
+
+
+def test_cli_recipe_flags_reach_the_manifest(tmp_path, float_artifact):
+    out = tmp_path / "entropy"
+    result = CliRunner().invoke(main, [
+        "calibrate", str(float_artifact), "-o", str(out), "--precision", "int8", "--target", "orin-nx",
+        "--method", "entropy", "--keep", "", "--smoothquant", "0", "--max-noise", "1000", "--samples", "2",
+        "--decode-steps", "1", "--report-samples", "0"])
+    assert result.exit_code == 0, result.output
+    q = json.loads((out / MANIFEST_NAME).read_text())["details"]["quantization"]
+    assert q["recipe"]["method"] == "entropy" and q["recipe"]["keep"] == [] and q["recipe"]["target"] == "orin-nx"
+    assert q["recipe"]["smoothquant_alpha"] is None and q["recipe"]["max_noise"] == 1000
+    assert q["samples"] == 2 and q["decode_steps"] == 1
+    assert "validating" not in result.output and "logit cosine" not in result.output  # --report-samples 0

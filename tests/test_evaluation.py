@@ -138,3 +138,17 @@ def test_validate_reads_an_engine_folder_through_its_artifact(artifact, tmp_path
     seen = read_details(tmp_path)
     assert seen["source"] == details["source"] and seen["conv_mode"] == details["conv_mode"]
     assert precision_of(seen) == "int8" and precision_of(read_details(artifact)) == "fp32"
+
+
+def test_cli_kv_storage_flags(artifact, tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(main, ["validate", str(artifact), "--samples", "1", "--kv-storage", "int8", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["summary"]["top1"] > 0.5
+    args = ["run", str(artifact), "--image", str(DEMO_IMAGE), "--prompt", "hi", "--max-new-tokens", "3",
+            "--cache-storage", "int8", "--cache-dir", str(tmp_path / "cache"), "--json"]
+    first, second = runner.invoke(main, args), runner.invoke(main, args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output
+    assert json.loads(first.stdout)["visual_cache"] == "miss" and json.loads(second.stdout)["visual_cache"] == "hit"
+    assert json.loads(first.stdout)["tokens"] == json.loads(second.stdout)["tokens"]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1

@@ -27,6 +27,7 @@ from saisa_edge.model.split import TextCache
 from saisa_edge.runtime.session import Request, Session
 from saisa_edge.runtime.visual_cache import VisualCache
 
+STAGES = ("vision", "visual_kv", "prefill")  # what a first token waits for
 WORDS = "describe the colours shapes and objects you can see in this picture with care".split()
 
 
@@ -76,7 +77,7 @@ def _saisa(backend: Backend, tokenizer: PromptTokenizer, template: Template, pix
     point = Point("saisa", prompt, batch, _best(c, "first_token"), _best(h, "first_token"), _best(c, "vision"),
                   _best(c, "visual_kv"), _best(h, "prefill"), batch * prompt / (_best(h, "prefill") / 1000),
                   batch * steps / (_best(h, "decode") / 1000),
-                  {k: _best(c, k) for k in ("vision", "visual_kv", "prefill")})
+                  {k: _best(c, k) for k in STAGES})
     return point, cache_bytes
 
 
@@ -155,7 +156,7 @@ def plot(report: dict[str, Any], path: str) -> None:
             stacks.append(s)
     fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.2), 4))
     bottom = [0.0] * len(labels)
-    for stage in ("vision", "visual_kv", "prefill"):
+    for stage in STAGES:
         values = [s[stage] for s in stacks]
         ax.bar(labels, values, bottom=bottom, label=stage)
         bottom = [b + v for b, v in zip(bottom, values)]
