@@ -165,7 +165,7 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
             say(f"wrote {name}.onnx: {len(sites[name])} linear layers in {recipe.precision}, "
                 f"{saved / 2**20:.1f} MiB smaller")
         for f in art.path.iterdir():
-            if f.is_file() and f.name != MANIFEST_NAME and not f.name.split(".onnx")[0] in GRAPHS:
+            if f.is_file() and f.name != MANIFEST_NAME and f.name.split(".onnx")[0] not in GRAPHS:
                 shutil.copy2(f, tmp_out / f.name)
         details["quantization"] = {
             "recipe": recipe.as_json(),
