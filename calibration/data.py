@@ -16,9 +16,8 @@ import torch
 from saisa_edge.config import VisionConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.image import load_image, preprocess
+from saisa_edge.resources import asset
 
-ASSETS = Path(__file__).resolve().parents[1] / "saisa_edge" / "assets"
-BUNDLED = {"calibration": ASSETS / "calibration", "validation": ASSETS / "validation"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MIN_IMAGES = 2
 
@@ -59,8 +58,8 @@ def pairs(vision: VisionConfig, samples: int, images: Path | None = None, prompt
     """`samples` pairs: image i mod len(images) with prompt i mod len(prompts)."""
     if samples < 1:
         raise SaisaError(f"--samples {samples}: must be at least 1")
-    files = image_files(images or BUNDLED[bundled])
-    texts = read_prompts(prompts or BUNDLED[bundled] / "prompts.txt")
+    files = image_files(images or asset(bundled))
+    texts = read_prompts(prompts or asset(bundled, "prompts.txt"))
     decoded: dict[Path, torch.Tensor] = {}
     out = []
     for i in range(samples):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from saisa_edge.resources import asset
+
 Scene = Callable[[random.Random, int, int], Image.Image]
 _WORDS = ("STOP", "OPEN", "EXIT", "CAFE", "SALE", "PARK", "BUS 42", "NO ENTRY", "HOTEL", "PHARMACY")
 
@@ -139,6 +141,6 @@ def draw_set(folder: Path, count: int, seed: int) -> list[Path]:
 
 
 if __name__ == "__main__":
-    assets = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "saisa_edge" / "assets"
+    assets = Path(sys.argv[1]) if len(sys.argv) > 1 else asset()
     draw_set(assets / "calibration", 12, CALIBRATION_SEED)
     draw_set(assets / "validation", 6, VALIDATION_SEED)

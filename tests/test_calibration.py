@@ -16,7 +16,8 @@ from saisa_edge.artifacts import MANIFEST_NAME
 from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.calibration import qdq
 from saisa_edge.calibration.calibrate import calibrate
-from saisa_edge.calibration.data import BUNDLED, pairs, read_prompts
+from saisa_edge.calibration.data import pairs, read_prompts
+from saisa_edge.resources import asset
 from saisa_edge.calibration.recipe import make_recipe
 from saisa_edge.calibration.stats import BINS, TensorStats, pick_amax
 from saisa_edge.checkpoint.loader import open_checkpoint
@@ -116,7 +117,7 @@ def test_bundled_sets_are_distinct_and_usable(tiny_ckpt):
     cal, val = pairs(tiny_ckpt.config.vision, 12), pairs(tiny_ckpt.config.vision, 6, bundled="validation")
     assert not {p.prompt for p in cal} & {p.prompt for p in val}
     assert all(p.pixels.shape == (3, 32, 32) or p.pixels.shape[0] == 3 for p in cal)
-    assert len({p.image.name for p in cal}) == 12 and all(p.image.parent == BUNDLED["calibration"] for p in cal)
+    assert len({p.image.name for p in cal}) == 12 and all(p.image.parent == asset("calibration") for p in cal)
 
 
 def test_bad_calibration_data(tmp_path, tiny_ckpt):

@@ -14,8 +14,9 @@ from PIL import Image, UnidentifiedImageError
 
 from saisa_edge.config import VisionConfig
 from saisa_edge.errors import SaisaError
+from saisa_edge.resources import asset
 
-DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
+DEMO_IMAGE = asset("demo.png")
 """The bundled image (drawn by the project) that the quickstart, tests and benchmarks use."""
 
 
