@@ -3,6 +3,9 @@
     TRITON_INTERPRET=1 python -m saisa_edge.plugins.selfcheck --device cpu   # Triton's interpreter
     python -m saisa_edge.plugins.selfcheck --device cuda --timing            # a GPU
 
+`--launches FILE` instead launches each case as a TensorRT engine would: with the grid
+and extra args that the plugin's `aot_impl` returned for the case's shapes (a JSON list
+of {"case", "dtype", "grid", "extra_args"}, as tests/test_trt_plugin_qdp.py writes it).
 Prints one JSON object; exits 1 if any case errs beyond its dtype's tolerance.
 """
 
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 
 from saisa_edge.model.split import PAD_POSITION
-from saisa_edge.plugins.naavit_torch import naavit_attention, naavit_reference
+from saisa_edge.plugins.naavit_torch import DTYPE_NAMES, launch, naavit_attention, naavit_reference
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -73,9 +76,14 @@ def inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> tuple[
     return q, k, v, vk, vv, qpos.to(device), kpos.to(device), vend.to(device), 1 / math.sqrt(case.head_dim)
 
 
-def check(case: Case, dtype: torch.dtype, device: str) -> dict[str, Any]:
+def check(case: Case, dtype: torch.dtype, device: str, tensorrt_launch: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The kernel on `case` against the reference: launched from PyTorch, or with the grid
+    and extra args of `tensorrt_launch`."""
     args = inputs(case, dtype, device)
-    got = naavit_attention(*args).float().cpu()
+    if tensorrt_launch is None:
+        got = naavit_attention(*args).float().cpu()
+    else:
+        got = launch(args[:8], tensorrt_launch["extra_args"], tuple(tensorrt_launch["grid"]), args[8]).float().cpu()
     want = naavit_reference(*args).float().cpu()
     if case.padded:  # padded queries' outputs are ignored by contract
         got[0, :, :2], want[0, :, :2] = 0, 0
@@ -119,9 +127,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="fp32,fp16", help="Comma list of fp32, fp16, bf16.")
     ap.add_argument("--timing", action="store_true", help="Also time the kernel against SDPA (GPU).")
+    ap.add_argument("--launches", help="JSON file of TensorRT launches to replay instead (see above).")
     args = ap.parse_args()
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    results = [check(c, dtypes[d], args.device) for d in args.dtypes.split(",") for c in CASES]
+    dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    if args.launches:
+        by_name = {c.name: c for c in CASES}
+        with open(args.launches) as f:
+            results = [check(by_name[r["case"]], dtypes[r["dtype"]], args.device, r) for r in json.load(f)]
+    else:
+        results = [check(c, dtypes[d], args.device) for d in args.dtypes.split(",") for c in CASES]
     report: dict[str, Any] = {"device": args.device, "cases": results, "passed": all(r["ok"] for r in results),
                               "case_shapes": [asdict(c) for c in CASES]}
     if args.timing:
