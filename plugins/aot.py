@@ -7,7 +7,8 @@ targets ISA 8.5 (CUDA 12.5), which JetPack 6's CUDA 12.6 driver and every newer 
 TensorRT launches the kernel with exactly the op's tensors and the extra args; Triton adds
 hidden scratch-buffer pointers after them, which TensorRT does not pass. That is safe only
 while the kernel needs no scratch memory, so `check_launchable` refuses a kernel that does,
-and one whose static shared memory exceeds what a launch gets without opting in.
+and one whose shared memory (all dynamic in Triton's PTX: the launch's `shared_mem` sizes
+it) exceeds what a launch gets without opting in.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def check_launchable(metadata: Any, ptx: str, runtime_params: int) -> tuple[int,
     if params < runtime_params:
         raise RuntimeError(f"{metadata.name} has {params} PTX parameters, fewer than its {runtime_params} arguments")
     if metadata.shared > SHARED_LIMIT:
-        raise RuntimeError(f"{metadata.name} needs {metadata.shared} bytes of static shared memory, over the "
+        raise RuntimeError(f"{metadata.name} needs {metadata.shared} bytes of shared memory, over the "
                            f"{SHARED_LIMIT} a launch gets; use smaller blocks")
     return params, params - runtime_params
 

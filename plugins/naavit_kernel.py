@@ -26,9 +26,9 @@ Size = Any  # an int, or a TensorRT shape expression
 BLOCK_M = 16  # queries per program (decode has T = 1: a small block wastes less)
 NUM_WARPS = 4
 MAX_HEAD_DIM = 256
-SHARED_LIMIT = 48 * 1024  # static shared memory a launch gets without opting in to more
+SHARED_LIMIT = 48 * 1024  # shared memory a launch may ask for without opting in to more
 # (keys per step, pipeline stages) by (fp32, BLOCK_D > 128): the largest that keep every
-# compiled variant within SHARED_LIMIT (fp32 tiles are twice the bytes, and fp32's exact
+# compiled variant's shared memory (Triton's is all dynamic, sized by the launch) within SHARED_LIMIT (fp32 tiles are twice the bytes, and fp32's exact
 # dot products stage more through shared memory); tests/test_plugins.py measures each.
 _KEY_BLOCKS = {(False, False): (64, 3), (False, True): (32, 2), (True, False): (32, 2), (True, True): (16, 1)}
 

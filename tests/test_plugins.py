@@ -54,6 +54,8 @@ def test_aot_ptx_for_orin_and_hopper(sm, dtype, heads, kv, d, tmp_path):
     assert kinds == ["u64"] * 8 + ["u32"] * len(RUNTIME_ARGS) + ["u64"] + ["u64"] * k.hidden_params
     assert k.params == len(kinds) and k.hidden_params == 2
     assert 0 < k.shared_bytes <= SHARED_LIMIT  # fits without opting in to large shared memory
+    # all of it dynamic, so the launch's shared_mem (the metadata's size) is what it gets
+    assert re.findall(r"^\s*(?:\.extern\s+)?\.shared\b.*$", k.ptx, re.M) == [".extern .shared .align 16 .b8 global_smem[];"]
     assert f".entry {k.name}" in k.ptx
     ptxas = shutil.which("ptxas")
     if ptxas:  # the CUDA toolkit assembles it for that GPU
@@ -77,8 +79,8 @@ def _block_d_head_sizes():
 @pytest.mark.parametrize("sm", sorted({t.compute_capability[0] * 10 + t.compute_capability[1]
                                        for t in TARGETS.values() if t.compute_capability}))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_static_shared_memory_of_every_variant(sm, dtype):
-    """Every (GPU of a target, dtype, BLOCK_D) variant fits 48 KiB of static shared memory,
+def test_shared_memory_of_every_variant(sm, dtype):
+    """Every (GPU of a target, dtype, BLOCK_D) variant fits 48 KiB of shared memory,
     read from the compiled kernel's metadata (heads and scale do not change the tiles)."""
     for d in _block_d_head_sizes():
         k = compile_naavit(sm, dtype, 2, 1, d, d**-0.5)
@@ -94,7 +96,7 @@ def test_launch_checks_refuse_scratch_memory_and_large_shared_memory():
         check_launchable(SimpleNamespace(**{**vars(ok), "global_scratch_size": 256}), ptx, 2)
     with pytest.raises(RuntimeError, match="scratch memory"):
         check_launchable(SimpleNamespace(**{**vars(ok), "profile_scratch_size": 64}), ptx, 2)
-    with pytest.raises(RuntimeError, match="static shared memory"):
+    with pytest.raises(RuntimeError, match="bytes of shared memory"):
         check_launchable(SimpleNamespace(**{**vars(ok), "shared": SHARED_LIMIT + 1}), ptx, 2)
 
 
