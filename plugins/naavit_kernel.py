@@ -119,6 +119,12 @@ def runtime_args(query: Sequence[Size], key: Sequence[Size], visual_key: Sequenc
     return [query[2], key[2], visual_key[2], visual_key[0]]
 
 
+def launch_grid(batch: int, heads: int, queries: int) -> tuple[int, int, int]:
+    """One program per BLOCK_M queries of one (batch, head); the plugin's aot_impl says the
+    same with TensorRT's shape expressions."""
+    return triton.cdiv(queries, BLOCK_M), batch * heads, 1
+
+
 def constants(dtype: str, num_heads: int, num_kv_heads: int, head_size: int, scale: float) -> dict[str, object]:
     """The constexprs of one layer's kernel (`dtype`: fp32, fp16 or bf16)."""
     if num_heads % num_kv_heads:

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import triton
 
 from saisa_edge.model.attention import attend
-from saisa_edge.plugins.naavit_kernel import BLOCK_M, constants, naavit_attention_kernel, options, runtime_args
+from saisa_edge.plugins.naavit_kernel import constants, launch_grid, naavit_attention_kernel, options, runtime_args
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -19,7 +18,7 @@ def naavit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vk: torc
     """q [B, H, T, D], k/v [B, KV, S, D], vk/vv [Bv, KV, N, D], qpos [B, T], kpos [B, S],
     vend [Bv] -> [B, H, T, D]. Bv is 1 (shared image) or B."""
     inputs = [x.contiguous() for x in (q, k, v, vk, vv, qpos, kpos, vend)]
-    grid = (triton.cdiv(q.shape[2], BLOCK_M), q.shape[0] * q.shape[1])
+    grid = launch_grid(q.shape[0], q.shape[1], q.shape[2])
     return launch(inputs, runtime_args(q.shape, k.shape, vk.shape), grid, scale)
 
 

@@ -3,7 +3,8 @@
 # runs even when an earlier one fails; a summary at the end lists them, and the exit status
 # is 1 if any failed.
 #  1. the NAAViT Triton kernel against its PyTorch reference on the device (fp32/fp16/bf16),
-#     and its timing against PyTorch's scaled_dot_product_attention;
+#     and its timing against PyTorch's scaled_dot_product_attention; then the plugin's AOT
+#     PTX for this GPU, loaded by the driver and launched with TensorRT's argument layout;
 #  2. the GPU-marked tests, and the plugin tests that run NVIDIA's tensorrt.plugin code;
 #  3. where TensorRT is installed: export the tiny preset, build engines in each attention
 #     mode (auto, plugin, decomposed, native), run and validate them against PyTorch. This
@@ -31,6 +32,8 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.ve
 
 check "kernel vs reference, and timing" \
   $PY -m saisa_edge.plugins.selfcheck --device cuda --dtypes fp32,fp16,bf16 --timing
+check "AOT PTX through the CUDA driver, TensorRT's argument layout" \
+  $PY -m saisa_edge.plugins.selfcheck --device cuda --ptx --dtypes fp32,fp16,bf16
 check "gpu tests" $PY -m pytest -q -m gpu
 check "plugin tests (NVIDIA's tensorrt.plugin, AOT PTX, launch replay)" \
   $PY -m pytest -q tests/test_plugins.py tests/test_trt_plugin_qdp.py

@@ -66,6 +66,28 @@ def test_aot_ptx_for_orin_and_hopper(sm, dtype, heads, kv, d, tmp_path):
         assert done.returncode == 0, done.stderr
 
 
+def test_ptx_launch_arguments_match_the_ptx_parameters():
+    """The driver launch of `selfcheck --ptx` passes one value of the PTX's type per parameter."""
+    import ctypes
+
+    from saisa_edge.plugins.ptx_launch import kernel_args
+
+    k = compile_naavit(87, "fp16", 9, 3, 64, 0.125)
+    values, types = kernel_args(k, list(range(100, 108)), [5, 11, 7, 1], 200)
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", k.ptx, re.S).group(1)
+    ptx_types = {"u64": ctypes.c_void_p, "u32": ctypes.c_int32}
+    assert [ptx_types[kind] for kind in re.findall(r"\.param \.(\w+)", entry)] == list(types)
+    assert values == (*range(100, 108), 5, 11, 7, 1, 200, 0, 0)
+
+
+@pytest.mark.gpu
+def test_aot_ptx_runs_through_the_cuda_driver():
+    """The PTX for this GPU, loaded by the driver and launched with TensorRT's layout."""
+    done = subprocess.run([sys.executable, "-m", "saisa_edge.plugins.selfcheck", "--device", "cuda", "--ptx",
+                           "--dtypes", "fp32,fp16,bf16"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 def _block_d_head_sizes():
     """One head size per BLOCK_D (16 ... MAX_HEAD_DIM): the compiled variants differ by it."""
     sizes, d = [], 16
@@ -256,7 +278,7 @@ def test_gpu_selftest_runs_every_check_then_fails(tmp_path):
     bin_dir.mkdir()
     fake = bin_dir / "python"
     fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
-                    'case "$*" in *selfcheck*) exit 3;; *"import tensorrt"*) exit 1;; esac\n')
+                    'case "$*" in *--timing*) exit 3;; *"import tensorrt"*) exit 1;; esac\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(log)}
     env.pop("PYTHON", None)
@@ -265,5 +287,5 @@ def test_gpu_selftest_runs_every_check_then_fails(tmp_path):
     calls = log.read_text()
     assert "-m pytest -q -m gpu" in calls and "tests/test_trt_plugin_qdp.py" in calls
     assert done.returncode == 1
-    assert "## summary: 2 passed, 1 failed" in done.stdout
+    assert "## summary: 3 passed, 1 failed" in done.stdout
     assert "FAILED: kernel vs reference, and timing (exit 3)" in done.stdout
