@@ -185,6 +185,9 @@ def loaded(package: Path) -> Iterator[types.ModuleType]:
     finally:
         for k in [k for k in sys.modules if k == "tensorrt" or k.startswith(("tensorrt.", "saisa_edge.plugins.trt"))]:
             del sys.modules[k]
+            parent, _, child = k.rpartition(".")
+            if parent in sys.modules and k not in saved:  # `from saisa_edge.plugins import trt_plugin` forgets it
+                vars(sys.modules[parent]).pop(child, None)
         sys.modules.update(saved)
 
 
