@@ -43,14 +43,16 @@ def resolve_attention(requested: str, variant: str, trt_version: str) -> str:
 
     custom artifacts carry the node and its body: `decomposed` inlines the body, `plugin`
     drops it so the node binds to the plugin. plugin artifacts have the node only;
-    native artifacts have ONNX Attention and no NAAViT node at all.
+    native artifacts have ONNX Attention and no NAAViT node at all. `auto` takes what the
+    artifact was exported for, and for custom the plugin where TensorRT has AOT plugins
+    (10.9+: JetPack 7.2's 10.16, not JetPack 6's 10.3), else the body.
     """
     if requested not in ATTENTION_MODES:
         raise SaisaError(f"--attention {requested!r}: choose one of {', '.join(ATTENTION_MODES)}")
     version = version_tuple(trt_version)
     if requested == "auto":
-        if variant == "native":
-            requested = "native"
+        if variant in ("native", "plugin"):
+            requested = variant
         elif version >= PYTHON_AOT_PLUGINS:
             requested = "plugin"
         else:
@@ -60,8 +62,9 @@ def resolve_attention(requested: str, variant: str, trt_version: str) -> str:
             raise SaisaError("--attention plugin: the artifact was exported with --attention native and has no "
                              "saisa::NAAViTAttention node; export with --attention custom or plugin")
         if version < PYTHON_AOT_PLUGINS:
-            raise SaisaError(f"--attention plugin: TensorRT {trt_version} has no AOT Python plugins (10.9+); "
-                             "use --attention decomposed")
+            fix = "use --attention decomposed" if variant == "custom" else \
+                "export with --attention custom and build with --attention decomposed"
+            raise SaisaError(f"--attention plugin: TensorRT {trt_version} has no AOT Python plugins (10.9+); {fix}")
     if requested == "native":
         if variant != "native":
             raise SaisaError("--attention native: export the artifact with --attention native --opset 23 first")

@@ -3,33 +3,33 @@ contract written plainly in PyTorch as the reference it is checked against."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-import triton
 
 from saisa_edge.model.attention import attend
-from saisa_edge.plugins.naavit_kernel import BLOCK_M, dot_precision, launch_config, naavit_attention_kernel
+from saisa_edge.plugins.naavit_kernel import constants, launch_grid, naavit_attention_kernel, options, runtime_args
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def naavit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vk: torch.Tensor, vv: torch.Tensor,
                      qpos: torch.Tensor, kpos: torch.Tensor, vend: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, KV, S, D], vk/vv [Bv, KV, N, D], qpos [B, T], kpos [B, S],
     vend [Bv] -> [B, H, T, D]. Bv is 1 (shared image) or B."""
-    b, h, t, d = q.shape
-    kv, s, n = k.shape[1], k.shape[2], vk.shape[2]
-    q, k, v, vk, vv = (x.contiguous() for x in (q, k, v, vk, vv))
-    qpos, kpos, vend = qpos.contiguous(), kpos.contiguous(), vend.contiguous()
+    inputs = [x.contiguous() for x in (q, k, v, vk, vv, qpos, kpos, vend)]
+    grid = launch_grid(q.shape[0], q.shape[1], q.shape[2])
+    return launch(inputs, runtime_args(q.shape, k.shape, vk.shape), grid, scale)
+
+
+def launch(inputs: Sequence[torch.Tensor], sizes: Sequence[int], grid: tuple[int, ...], scale: float) -> torch.Tensor:
+    """The kernel called as TensorRT calls the AOT plugin: the eight contiguous inputs, the
+    sizes (RUNTIME_ARGS), then the output."""
+    q, k = inputs[0], inputs[1]
+    dtype, (_, h, _, d) = DTYPE_NAMES[q.dtype], q.shape
     out = torch.empty_like(q)
-    grid = (triton.cdiv(t, BLOCK_M), b * h)
-    naavit_attention_kernel[grid](
-        q, k, v, vk, vv, qpos, kpos, vend, out,
-        h, t, s, n, vk.shape[0], scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        vk.stride(0), vk.stride(1), vk.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        qpos.stride(0), kpos.stride(0),
-        GROUPS=h // kv, DOT_PRECISION=dot_precision(q.dtype == torch.float32), **launch_config(d),
-    )
+    naavit_attention_kernel[grid](*inputs, *sizes, out, **constants(dtype, h, k.shape[1], d, scale),
+                                  **options(dtype, d))
     return out
 
 

@@ -3,6 +3,10 @@
     TRITON_INTERPRET=1 python -m saisa_edge.plugins.selfcheck --device cpu   # Triton's interpreter
     python -m saisa_edge.plugins.selfcheck --device cuda --timing            # a GPU
 
+`--ptx` runs the plugin's AOT PTX through the CUDA driver instead (a GPU; TensorRT's
+argument layout). `--launches FILE` instead launches each case as a TensorRT engine would: with the grid
+and extra args that the plugin's `aot_impl` returned for the case's shapes (a JSON list
+of {"case", "dtype", "grid", "extra_args"}, as tests/test_trt_plugin_qdp.py writes it).
 Prints one JSON object; exits 1 if any case errs beyond its dtype's tolerance.
 """
 
@@ -13,13 +17,14 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from saisa_edge.model.split import PAD_POSITION
-from saisa_edge.plugins.naavit_torch import naavit_attention, naavit_reference
+from saisa_edge.plugins.naavit_torch import DTYPE_NAMES, launch, naavit_attention, naavit_reference
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -73,15 +78,24 @@ def inputs(case: Case, dtype: torch.dtype, device: str, seed: int = 0) -> tuple[
     return q, k, v, vk, vv, qpos.to(device), kpos.to(device), vend.to(device), 1 / math.sqrt(case.head_dim)
 
 
-def check(case: Case, dtype: torch.dtype, device: str) -> dict[str, Any]:
+def check(case: Case, dtype: torch.dtype, device: str, kernel: Callable[..., torch.Tensor] = naavit_attention,
+          ) -> dict[str, Any]:
+    """`kernel` (default: the PyTorch launcher) on `case`, against the reference."""
     args = inputs(case, dtype, device)
-    got = naavit_attention(*args).float().cpu()
+    got = kernel(*args).float().cpu()
     want = naavit_reference(*args).float().cpu()
     if case.padded:  # padded queries' outputs are ignored by contract
         got[0, :, :2], want[0, :, :2] = 0, 0
     err = float((got - want).abs().max())
     return {"case": case.name, "dtype": str(dtype).removeprefix("torch."), "max_abs_error": err,
             "tolerance": TOLERANCE[dtype], "ok": err <= TOLERANCE[dtype]}
+
+
+def _replay(tensorrt_launch: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    """The kernel launched with a TensorRT launch's grid and extra args."""
+    def run(*args: Any) -> torch.Tensor:
+        return launch(args[:8], tensorrt_launch["extra_args"], tuple(tensorrt_launch["grid"]), args[8])
+    return run
 
 
 def timing(dtype: torch.dtype, repeats: int = 50) -> list[dict[str, Any]]:
@@ -119,9 +133,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", default="fp32,fp16", help="Comma list of fp32, fp16, bf16.")
     ap.add_argument("--timing", action="store_true", help="Also time the kernel against SDPA (GPU).")
+    ap.add_argument("--launches", help="JSON file of TensorRT launches to replay instead (see above).")
+    ap.add_argument("--ptx", action="store_true", help="Run the AOT PTX through the CUDA driver instead (GPU).")
     args = ap.parse_args()
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    results = [check(c, dtypes[d], args.device) for d in args.dtypes.split(",") for c in CASES]
+    dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    if args.launches:
+        by_name = {c.name: c for c in CASES}
+        with open(args.launches) as f:
+            results = [check(by_name[r["case"]], dtypes[r["dtype"]], args.device, _replay(r)) for r in json.load(f)]
+    else:
+        kernel: Callable[..., torch.Tensor] = naavit_attention
+        if args.ptx:
+            from saisa_edge.plugins import ptx_launch  # cuda-python: only where it runs
+
+            kernel = ptx_launch.ptx_attention
+        results = [check(c, dtypes[d], args.device, kernel) for d in args.dtypes.split(",") for c in CASES]
     report: dict[str, Any] = {"device": args.device, "cases": results, "passed": all(r["ok"] for r in results),
                               "case_shapes": [asdict(c) for c in CASES]}
     if args.timing:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from saisa_edge.errors import SaisaError
 from saisa_edge.checkpoint.loader import open_checkpoint
 from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
 from saisa_edge.plugins import build
-from saisa_edge.plugins.aot import PTX_VERSION, RUNTIME_ARGS, compile_naavit, runtime_values
+from saisa_edge.plugins.aot import DTYPES, PTX_VERSION, check_launchable, compile_naavit
+from saisa_edge.plugins.naavit_kernel import MAX_HEAD_DIM, RUNTIME_ARGS, SHARED_LIMIT, runtime_args
 from saisa_edge.targets import TARGETS, by_compute_capability
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,8 +47,15 @@ def test_aot_ptx_for_orin_and_hopper(sm, dtype, heads, kv, d, tmp_path):
     assert k.ptx_version == f"{PTX_VERSION // 10}.{PTX_VERSION % 10}"  # JetPack 6 (CUDA 12.6) loads ISA 8.5
     target = re.search(r"^\.target (\S+)", k.ptx, re.M).group(1)
     assert target.startswith(f"sm_{sm}")
-    assert k.params == 9 + len(RUNTIME_ARGS) + 2  # 9 tensors, the sizes, Triton's two scratch pointers
-    assert 0 < k.shared_bytes <= 48 * 1024  # fits without opting in to large shared memory
+    # TensorRT's AOT launch: the 8 input pointers, the int32 extra args, the output pointer;
+    # then Triton's scratch pointers, which TensorRT does not pass (both size 0, checked at compile)
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", k.ptx, re.S).group(1)
+    kinds = re.findall(r"\.param \.(\w+)", entry)
+    assert kinds == ["u64"] * 8 + ["u32"] * len(RUNTIME_ARGS) + ["u64"] + ["u64"] * k.hidden_params
+    assert k.params == len(kinds) and k.hidden_params == 2
+    assert 0 < k.shared_bytes <= SHARED_LIMIT  # fits without opting in to large shared memory
+    # all of it dynamic, so the launch's shared_mem (the metadata's size) is what it gets
+    assert re.findall(r"^\s*(?:\.extern\s+)?\.shared\b.*$", k.ptx, re.M) == [".extern .shared .align 16 .b8 global_smem[];"]
     assert f".entry {k.name}" in k.ptx
     ptxas = shutil.which("ptxas")
     if ptxas:  # the CUDA toolkit assembles it for that GPU
@@ -57,18 +66,73 @@ def test_aot_ptx_for_orin_and_hopper(sm, dtype, heads, kv, d, tmp_path):
         assert done.returncode == 0, done.stderr
 
 
-def test_runtime_values_are_the_strides_of_contiguous_tensors():
-    b, h, kv, t, s, n, d, vb = 2, 6, 2, 5, 11, 7, 16, 2
-    q, k, vk = torch.empty(b, h, t, d), torch.empty(b, kv, s, d), torch.empty(vb, kv, n, d)
-    qpos, kpos = torch.empty(b, t), torch.empty(b, s)
-    expected = [t, s, n, vb, q.stride(0), q.stride(1), k.stride(0), k.stride(1), vk.stride(0), vk.stride(1),
-                q.stride(0), q.stride(1), qpos.stride(0), kpos.stride(0)]
-    assert runtime_values(h, kv, d, t, s, n, vb) == expected
+def test_ptx_launch_arguments_match_the_ptx_parameters():
+    """The driver launch of `selfcheck --ptx` passes one value of the PTX's type per parameter."""
+    import ctypes
+
+    from saisa_edge.plugins.ptx_launch import kernel_args
+
+    k = compile_naavit(87, "fp16", 9, 3, 64, 0.125)
+    values, types = kernel_args(k, list(range(100, 108)), [5, 11, 7, 1], 200)
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", k.ptx, re.S).group(1)
+    ptx_types = {"u64": ctypes.c_void_p, "u32": ctypes.c_int32}
+    assert [ptx_types[kind] for kind in re.findall(r"\.param \.(\w+)", entry)] == list(types)
+    assert values == (*range(100, 108), 5, 11, 7, 1, 200, 0, 0)
+
+
+@pytest.mark.gpu
+def test_aot_ptx_runs_through_the_cuda_driver():
+    """The PTX for this GPU, loaded by the driver and launched with TensorRT's layout."""
+    done = subprocess.run([sys.executable, "-m", "saisa_edge.plugins.selfcheck", "--device", "cuda", "--ptx",
+                           "--dtypes", "fp32,fp16,bf16"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _block_d_head_sizes():
+    """One head size per BLOCK_D (16 ... MAX_HEAD_DIM): the compiled variants differ by it."""
+    sizes, d = [], 16
+    while d <= MAX_HEAD_DIM:
+        sizes.append(d)
+        d *= 2
+    return sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sm", sorted({t.compute_capability[0] * 10 + t.compute_capability[1]
+                                       for t in TARGETS.values() if t.compute_capability}))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shared_memory_of_every_variant(sm, dtype):
+    """Every (GPU of a target, dtype, BLOCK_D) variant fits 48 KiB of shared memory,
+    read from the compiled kernel's metadata (heads and scale do not change the tiles)."""
+    for d in _block_d_head_sizes():
+        k = compile_naavit(sm, dtype, 2, 1, d, d**-0.5)
+        assert 0 < k.shared_bytes <= SHARED_LIMIT, (sm, dtype, d, k.shared_bytes)
+
+
+def test_launch_checks_refuse_scratch_memory_and_large_shared_memory():
+    """TensorRT passes no pointers for Triton's scratch buffers, and its launch gets 48 KiB."""
+    ptx = ".entry k(\n.param .u64 a,\n.param .u32 b,\n.param .u64 c,\n.param .u64 d\n)"
+    ok = SimpleNamespace(name="k", shared=SHARED_LIMIT, global_scratch_size=0, profile_scratch_size=0)
+    assert check_launchable(ok, ptx, 2) == (4, 2)
+    with pytest.raises(RuntimeError, match="scratch memory"):
+        check_launchable(SimpleNamespace(**{**vars(ok), "global_scratch_size": 256}), ptx, 2)
+    with pytest.raises(RuntimeError, match="scratch memory"):
+        check_launchable(SimpleNamespace(**{**vars(ok), "profile_scratch_size": 64}), ptx, 2)
+    with pytest.raises(RuntimeError, match="bytes of shared memory"):
+        check_launchable(SimpleNamespace(**{**vars(ok), "shared": SHARED_LIMIT + 1}), ptx, 2)
+
+
+def test_runtime_args_are_the_sizes_in_kernel_order():
+    b, h, kv, t, s, n, d, vb = 2, 6, 2, 5, 11, 7, 16, 1
+    assert RUNTIME_ARGS == ("T", "S", "N", "VB")
+    assert runtime_args((b, h, t, d), (b, kv, s, d), (vb, kv, n, d)) == [t, s, n, vb]
 
 
 def test_aot_refuses_bad_heads():
     with pytest.raises(ValueError, match="multiple"):
         compile_naavit(87, "fp16", 9, 2, 64, 0.125)
+    with pytest.raises(ValueError, match="head size"):
+        compile_naavit(87, "fp16", 2, 1, MAX_HEAD_DIM * 2, 0.125)
 
 
 # --- engine-build logic -------------------------------------------------------------------------
@@ -85,6 +149,7 @@ def artifact(tmp_path_factory, tiny_gqa_dir):
     ("auto", "custom", "10.16.0", "plugin"), ("auto", "custom", "10.3.0", "decomposed"),
     ("auto", "native", "10.16.0", "native"), ("decomposed", "custom", "10.3.0", "decomposed"),
     ("plugin", "plugin", "10.9.0", "plugin"), ("native", "native", "10.14.1", "native"),
+    ("auto", "plugin", "10.9.0", "plugin"),
 ])
 def test_attention_modes(requested, variant, version, chosen):
     assert build.resolve_attention(requested, variant, version) == chosen
@@ -101,6 +166,30 @@ def test_attention_modes(requested, variant, version, chosen):
 def test_attention_mode_refusals(requested, variant, version, message):
     with pytest.raises(SaisaError, match=message):
         build.resolve_attention(requested, variant, version)
+
+
+# TensorRT on each JetPack for Orin: 6.0 has 8.6.2, 6.1 and 6.2 have 10.3.0, 7.2 has 10.16
+JETPACK_6_0, JETPACK_6_2, JETPACK_7_2 = "8.6.2.3", "10.3.0.30", "10.16.1.11"
+
+
+@pytest.mark.parametrize("trt_version, custom, plugin, native", [
+    (JETPACK_6_0, "decomposed", None, None), (JETPACK_6_2, "decomposed", None, None),
+    (JETPACK_7_2, "plugin", "plugin", "native"),
+])
+def test_attention_auto_per_jetpack(trt_version, custom, plugin, native):
+    """`auto` on each JetPack: JetPack 6 has no AOT plugins, so custom artifacts fall back to
+    the decomposed body and plugin artifacts are refused in one line; 7.2 takes the plugin."""
+    assert build.resolve_attention("auto", "custom", trt_version) == custom
+    for variant, chosen in (("plugin", plugin), ("native", native)):
+        if chosen is None:
+            with pytest.raises(SaisaError, match=r"^--attention (plugin|native): TensorRT [\d.]+ (has no AOT|cannot)"):
+                build.resolve_attention("auto", variant, trt_version)
+        else:
+            assert build.resolve_attention("auto", variant, trt_version) == chosen
+    if plugin is None:
+        with pytest.raises(SaisaError, match="no AOT Python plugins \\(10.9\\+\\); use --attention decomposed$") as e:
+            build.resolve_attention("plugin", "custom", trt_version)
+        assert "\n" not in str(e.value)
 
 
 def test_profiles_cover_prefill_decode_and_text_only(artifact):
@@ -179,3 +268,24 @@ def test_cli_without_tensorrt(artifact):
     assert result.exit_code == 2 and "not an engine folder" in result.output
     result = runner.invoke(main, ["run", str(artifact.path), "--prompt", "hi", "--max-new-tokens", "2"])
     assert result.exit_code == 0  # the rest of the CLI keeps working
+
+
+def test_gpu_selftest_runs_every_check_then_fails(tmp_path):
+    """One failing check (here the kernel selfcheck) must not hide the others: the script
+    runs them all, lists the failures and exits non-zero. `python` is a stand-in that logs
+    its arguments; TensorRT looks absent to it."""
+    log, bin_dir = tmp_path / "calls.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    'case "$*" in *--timing*) exit 3;; *"import tensorrt"*) exit 1;; esac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(log)}
+    env.pop("PYTHON", None)
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_selftest.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    calls = log.read_text()
+    assert "-m pytest -q -m gpu" in calls and "tests/test_trt_plugin_qdp.py" in calls
+    assert done.returncode == 1
+    assert "## summary: 3 passed, 1 failed" in done.stdout
+    assert "FAILED: kernel vs reference, and timing (exit 3)" in done.stdout
