@@ -50,7 +50,6 @@ class TokenizerConfig:
     legacy: bool = True  # transformers' LlamaTokenizer when the file does not say
 
 
-
 def _content(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
@@ -72,7 +71,6 @@ def read_config(folder: Path) -> TokenizerConfig:
                                 t.get("rstrip", False)) for i, t in config.get("added_tokens_decoder", {}).items()}
     if any(t.get("single_word") for t in config.get("added_tokens_decoder", {}).values()):
         raise SaisaError(f"{files['tokenizer_config.json']}: single_word added tokens are not supported")
-    known = {t.content for t in added.values()}
     return TokenizerConfig(
         config.get("tokenizer_class"), roles, tuple(t for t in additional if t), tuple(added.values()),
         config.get("add_bos_token", True), config.get("add_eos_token", False), config.get("legacy", True) is not False,
