@@ -41,8 +41,8 @@ def measure(ckpt: Checkpoint) -> dict[str, object]:
     text_ids = tok.encode(template.prompt([("What is the capital of France?", None)]))
     ours, theirs = greedy(ckpt.lm, ids, features, 32)
     before, after = template.prompt([(user_message("Summarise the passage.", True), None)]).split("<image>")
-    skip = 1 if tok.hf(before).input_ids[:1] == [tok.bos_id] else 0
-    passage = tok.hf("Paris is the capital and largest city of France, on the river Seine.").input_ids[skip:]
+    skip = 1 if tok.tokenize(before)[:1] == [tok.bos_id] else 0
+    passage = tok.tokenize("Paris is the capital and largest city of France, on the river Seine.")[skip:]
     return {
         "layers": ckpt.config.text.num_hidden_layers,
         "heads": [ckpt.config.text.num_attention_heads, ckpt.config.text.num_key_value_heads],
@@ -53,7 +53,7 @@ def measure(ckpt: Checkpoint) -> dict[str, object]:
         "text_vs_transformers_llama": text_vs_transformers(ckpt.lm, text_ids),
         "vision_vs_transformers_clip": vision_vs_transformers(ckpt.vision, ckpt.vision_tower_path, ckpt.config, pixels),
         "text_as_image_vs_transformers_llama": text_as_image_vs_transformers(
-            ckpt.lm, tok.hf(before).input_ids, passage, tok.hf(after).input_ids[skip:]
+            ckpt.lm, tok.tokenize(before), passage, tok.tokenize(after)[skip:]
         ),
         "seconds": round(time.perf_counter() - t0, 2),
     }

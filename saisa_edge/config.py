@@ -148,25 +148,35 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def _rope_scaling(raw: dict[str, Any] | None, where: str) -> RopeScaling | None:
+    """`rope_scaling` (or transformers 5's `rope_parameters`): every field the type needs, nothing else."""
     if not raw:
         return None
     kind = raw.get("rope_type", raw.get("type"))
     if kind in (None, "default"):
         return None
+    needs = {"linear": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    if kind not in needs:
+        raise SaisaError(f"{where}: rope_scaling type {kind!r} (field rope_scaling.rope_type) is not implemented; "
+                         "supported: linear, llama3")
+    missing = [f for f in needs[kind] if f not in raw]
+    unknown = sorted(set(raw) - {"rope_type", "type", "rope_theta", *needs[kind]})
+    if missing:
+        raise SaisaError(f"{where}: rope_scaling ({kind}) lacks {', '.join(missing)}")
+    if unknown:
+        raise SaisaError(f"{where}: rope_scaling ({kind}) has unknown fields {', '.join(unknown)}")
+    values = []
+    for f in needs[kind]:
+        if isinstance(raw[f], bool) or not isinstance(raw[f], (int, float)) or raw[f] <= 0:
+            raise SaisaError(f"{where}: rope_scaling.{f} must be a positive number, not {raw[f]!r}")
+        values.append(float(raw[f]))
     if kind == "linear":
-        return RopeScaling("linear", float(raw["factor"]))
-    if kind == "llama3":
-        return RopeScaling(
-            "llama3",
-            float(raw["factor"]),
-            float(raw.get("low_freq_factor", 1.0)),
-            float(raw.get("high_freq_factor", 4.0)),
-            int(raw.get("original_max_position_embeddings", 8192)),
-        )
-    raise SaisaError(
-        f"{where}: rope_scaling type {kind!r} is not supported (supported: linear, llama3); "
-        "dynamic and yarn scaling make visual keys depend on the sequence length"
-    )
+        return RopeScaling("linear", values[0])
+    factor, low, high, original = values
+    if low >= high or original != int(original):
+        raise SaisaError(f"{where}: rope_scaling needs low_freq_factor < high_freq_factor and an integer "
+                         f"original_max_position_embeddings (got {low}, {high}, {raw['original_max_position_embeddings']})")
+    return RopeScaling("llama3", factor, low, high, int(original))
 
 
 def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:

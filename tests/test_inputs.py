@@ -7,10 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from saisa_edge import IMAGE_TOKEN_INDEX
 from saisa_edge.config import VisionConfig
 from saisa_edge.errors import SaisaError
-from saisa_edge.inputs.conversation import TEMPLATES, get_template
 from saisa_edge.inputs.image import expand_to_square, load_image, preprocess
 from tests.conftest import DEMO_IMAGE
 
@@ -82,53 +80,3 @@ def test_missing_image(tmp_path):
     with pytest.raises(SaisaError, match="file not found"):
         load_image(tmp_path / "none.png")
 
-
-# --- templates -----------------------------------------------------------------------------
-
-
-def test_vicuna_v1_prompt_is_llava_verbatim():
-    t = TEMPLATES["vicuna_v1"]
-    assert t.prompt([("<image>\nWhat is it?", None)]) == (
-        "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-        "helpful, detailed, and polite answers to the human's questions. USER: <image>\nWhat is it? ASSISTANT:"
-    )
-    two = t.prompt([("<image>\nQ1", "A1"), ("Q2", None)])
-    assert two.endswith("USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:")
-
-
-def test_llama3_and_chatml():
-    assert TEMPLATES["llama_3"].prompt([("Q", "A"), ("R", None)]).endswith(
-        "USER: Q ASSISTANT: A<|end_of_text|>USER: R ASSISTANT:")
-    assert TEMPLATES["chatml_direct"].prompt([("<image>\nQ", None)]) == (
-        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nQ<|im_end|>"
-        "<|im_start|>assistant\n"
-    )
-    assert TEMPLATES["chatml_direct"].stop == "<|im_end|>" and TEMPLATES["vicuna_v1"].stop == "</s>"
-
-
-def test_unknown_template():
-    with pytest.raises(SaisaError, match="--conv-mode 'alpaca' is unknown"):
-        get_template("alpaca")
-
-
-# --- tokenisation --------------------------------------------------------------------------
-
-
-def test_tokenizer_image_token_like_llava(tiny_ckpt):
-    tok = tiny_ckpt.tokenizer
-    prompt = TEMPLATES["vicuna_v1"].prompt([("<image>\nWhat is shown?", None)])
-    ids = tok.encode(prompt)
-    before, after = prompt.split("<image>")
-    want_before = tok.hf(before).input_ids
-    want_after = tok.hf(after).input_ids[1:]  # BOS kept on the first chunk only
-    assert ids == want_before + [IMAGE_TOKEN_INDEX] + want_after
-    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-    # the sentencepiece quirk the model was trained with: a lone "▁" before the newline
-    assert tok.hf.convert_ids_to_tokens(ids[ids.index(IMAGE_TOKEN_INDEX) + 1 : ids.index(IMAGE_TOKEN_INDEX) + 3]) == [
-        "▁", "<0x0A>"]
-    assert tok.default_conv_mode() == "vicuna_v1"
-
-
-def test_one_image_per_prompt(tiny_ckpt):
-    with pytest.raises(SaisaError, match="2 <image> markers"):
-        tiny_ckpt.tokenizer.encode("<image> and <image>")

@@ -147,7 +147,7 @@ def test_vision_path_equals_transformers_clip(tiny_ckpt, select_layer, feature):
 
 def test_text_as_image_equals_transformers_llama(ckpt):
     before, after = TEMPLATES["vicuna_v1"].prompt([("<image>\nWhat does the passage say?", None)]).split("<image>")
-    tok = ckpt.tokenizer.hf
-    passage = tok("The quick brown fox jumps over the lazy dog.").input_ids[1:]
-    errors = text_as_image_vs_transformers(ckpt.lm, tok(before).input_ids, passage, tok(after).input_ids[1:])
+    tok = ckpt.tokenizer.tokenize
+    passage = tok("The quick brown fox jumps over the lazy dog.")[1:]
+    errors = text_as_image_vs_transformers(ckpt.lm, tok(before), passage, tok(after)[1:])
     assert max(errors.values()) < 5e-5, errors

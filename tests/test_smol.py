@@ -55,7 +55,7 @@ def test_smol_layout(smol_dir, smol):
     assert smol.config.num_visual_tokens == 576 and smol.config.vision.hidden_size == 1024
     assert smol.config.text.num_key_value_heads == 3 and smol.config.text.num_attention_heads == 9
     assert smol.tokenizer.default_conv_mode() == "chatml_direct"
-    assert "{% for message in messages %}" in (smol.tokenizer.hf.chat_template or "")
+    assert "{% for message in messages %}" in (smol_dir / "chat_template.jinja").read_text()
 
 
 def test_real_weights_answer(smol):
@@ -67,9 +67,9 @@ def test_text_as_image_on_real_weights(smol):
     """SmolLM2's own hidden states of a passage, fed as the image, reproduce transformers' LLaMA."""
     t = TEMPLATES["chatml_direct"]
     before, after = t.prompt([("<image>\nSummarise the passage.", None)]).split("<image>")
-    tok = smol.tokenizer.hf
-    passage = tok("Paris is the capital and largest city of France, on the river Seine.").input_ids
-    errors = text_as_image_vs_transformers(smol.lm, tok(before).input_ids, passage, tok(after).input_ids)
+    tok = smol.tokenizer.tokenize
+    passage = tok("Paris is the capital and largest city of France, on the river Seine.")
+    errors = text_as_image_vs_transformers(smol.lm, tok(before), passage, tok(after))
     assert max(errors.values()) < 5e-4, errors  # measured 5e-5 on fp32 logits of magnitude ~20
 
 
