@@ -291,7 +291,8 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     """Quantize ARTIFACT to INT8 or FP8 (explicit Q/DQ), calibrated on image+prompt pairs; then
     report its accuracy on held-out pairs against the fp32 reference (exit 1 if it fails)."""
     require_export("calibrate")
-    from saisa_edge.artifacts import open_artifact
+    from saisa_edge.artifacts import ARTIFACT_KIND, open_artifact
+    from saisa_edge.artifacts.folders import check_output
     from saisa_edge.calibration.calibrate import calibrate as run_calibration, open_source, summary
     from saisa_edge.calibration.data import pairs
     from saisa_edge.calibration.recipe import make_recipe
@@ -299,6 +300,7 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
 
     recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
                          smoothquant or None, percentile, max_noise)
+    check_output(output, force, kind=ARTIFACT_KIND, inputs=(artifact,))  # before the calibration passes
     source = open_source(artifact)
     cfg = source.config
     data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.pads_images)
