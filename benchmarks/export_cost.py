@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
+from saisa_edge.artifacts import open_artifact
 from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.backends.pytorch import TorchBackend
 from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.presets import tiny, write_checkpoint
-from saisa_edge.export.artifact import read_artifact
 from saisa_edge.inputs.conversation import get_template
 from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
 from saisa_edge.model import split
@@ -60,7 +60,7 @@ def timed_export(ckpt: Path, out: Path, dtype: str) -> dict[str, object]:
 
 def errors(ckpt_dir: Path, artifact: Path) -> dict[str, object]:
     ckpt = load_checkpoint(ckpt_dir)
-    ref, ort_b = TorchBackend(ckpt), OrtBackend(read_artifact(artifact))
+    ref, ort_b = TorchBackend(ckpt), OrtBackend(open_artifact(artifact))
     pixels = preprocess(load_image(DEMO_IMAGE), ckpt.config.vision)[None]
     feats = ref.vision(pixels)
     tok = ckpt.tokenizer

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from benchmarks.runtime import QUESTION, decode_rates, session
+from saisa_edge.artifacts import open_artifact
 from saisa_edge.backends import open_model
 from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
 from saisa_edge.runtime.kv_storage import STORAGES, pack
@@ -37,7 +38,8 @@ def main() -> None:
     args = ap.parse_args()
 
     sources = [args.base, *args.quantized]
-    models = {p: open_model(p, "onnxruntime") for p in sources}
+    opened = {p: open_artifact(p) for p in sources}  # each folder read and hashed once
+    models = {p: open_model(opened[p], "onnxruntime") for p in sources}
     pixels = preprocess(load_image(DEMO_IMAGE), models[args.base][0].config.vision)
     request = Request(QUESTION, pixels, max_new_tokens=args.tokens)
     sessions = {p: session(*models[p]) for p in sources}
@@ -51,10 +53,8 @@ def main() -> None:
     base = max(rates[args.base])
     report: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}, "tokens": args.tokens, "artifacts": {}}
     for p in sources:
-        details = json.loads((p / "saisa-edge-manifest.json").read_text())["details"]
-        q = details.get("quantization")
         report["artifacts"][str(p)] = {
-            "precision": q["recipe"]["precision"] if q else details["dtype"],
+            "precision": opened[p].precision,
             "decode_tokens_per_s": round(max(rates[p]), 2), "speedup_over_float": round(max(rates[p]) / base, 2),
             "graphs_mib": _mib(p),
         }

@@ -21,16 +21,15 @@ import numpy as np
 import onnx
 import torch
 
-from saisa_edge.artifacts import MANIFEST_NAME, atomic_folder, sha256_file, write_manifest
+from saisa_edge.artifacts import ARTIFACT_KIND, MANIFEST_NAME, Artifact, atomic_folder, open_artifact, write_manifest
+from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.calibration import qdq
 from saisa_edge.calibration.data import Pair, digest
 from saisa_edge.calibration.recipe import Recipe
 from saisa_edge.calibration.stats import TensorStats, noise_ratio, pick_amax
 from saisa_edge.errors import SaisaError
-from saisa_edge.export.artifact import KIND, Artifact, read_artifact
 from saisa_edge.export.graph import EMBED_LIMIT
-from saisa_edge.export.graphs import GRAPHS
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.progress import say, track
@@ -41,8 +40,8 @@ from saisa_edge.runtime.visual_cache import pixel_digest
 Stats = dict[str, dict[str, TensorStats]]  # graph -> tapped tensor -> statistics
 
 
-def open_source(path: Path) -> Artifact:
-    art = read_artifact(path)
+def open_source(path: Path | Artifact) -> Artifact:
+    art = path if isinstance(path, Artifact) else open_artifact(path)
     if "quantization" in art.details:
         q = art.details["quantization"]
         raise SaisaError(f"{path}: already quantized ({q['recipe']['precision']}); calibrate the float artifact "
@@ -108,7 +107,7 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
                     location=f"{path.name}.data", size_threshold=1024)
 
 
-def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_steps: int = 4,
+def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pair], decode_steps: int = 4,
               force: bool = False) -> dict[str, Any]:
     """Write the calibrated artifact `out`; returns its manifest details."""
     art = open_source(source)
@@ -149,7 +148,7 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
         say(f"kept in float (input noise over {recipe.max_noise:g}): "
             + ", ".join(f"{name}: {len(nodes)}" for name, nodes in fallback.items() if nodes))
     details = json.loads(json.dumps(art.details))
-    with atomic_folder(out, force) as tmp_out:
+    with atomic_folder(out, force, kind=ARTIFACT_KIND, inputs=(art.path,)) as tmp_out:
         for name in GRAPHS:
             saved = qdq.insert_qdq(models[name], sites[name], amax, recipe)
             weights_bytes = sum(len(t.raw_data) for t in models[name].graph.initializer)
@@ -173,9 +172,9 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
             "images": sorted({str(p.image) for p in data}),
             "seconds": round(calibration_s, 1),
             "ranges": {t: {"amax": round(v, 6), "noise": round(noise[t], 4)} for t, v in sorted(amax.items())},
-            "source": {"artifact": str(art.path), "manifest_sha256": sha256_file(art.path / MANIFEST_NAME)},
+            "source": {"artifact": str(art.path), "manifest_sha256": art.manifest_sha256},
         }
-        write_manifest(tmp_out, KIND, details)
+        write_manifest(tmp_out, ARTIFACT_KIND, details)
     return details
 
 

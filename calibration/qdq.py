@@ -15,8 +15,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from saisa_edge.artifacts.names import LOGITS
 from saisa_edge.calibration.recipe import Recipe
-from saisa_edge.export.graphs import LOGITS
 
 LM_HEAD = "lm_head"
 

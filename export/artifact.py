@@ -1,13 +1,12 @@
 """The artifact folder: three graphs, tokenizer files and a manifest that makes it self-sufficient.
 
 `export_artifact` writes it (atomically, weights streamed from the checkpoint);
-`read_artifact` checks it (manifest version, checksums, graphs present) before use.
+`saisa_edge.artifacts.open_artifact` checks it before use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
 
-from saisa_edge.artifacts import (
-    MANIFEST_NAME, MANIFEST_VERSION, atomic_folder, read_manifest, sha256_file, write_manifest,
-)
+from saisa_edge.artifacts import ARTIFACT_KIND, atomic_folder, write_manifest
 from saisa_edge.checkpoint.loader import CheckpointSource
-from saisa_edge.config import DTYPES, MultimodalConfig, RopeScaling, SaisaConfig, TextConfig, VisionConfig
+from saisa_edge.config import DTYPES, SaisaConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
 from saisa_edge.export.graph import EMBED_LIMIT, Graph
@@ -30,7 +26,6 @@ from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.progress import say
 
-KIND = "onnx-artifact"
 OPSETS = range(18, 24)
 DEFAULT_OPSET = 19
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -69,10 +64,6 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / f, dst / f)
 
 
-def _is_artifact(folder: Path) -> bool:
-    return (read_manifest(folder) or {}).get("kind") == KIND
-
-
 def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions, force: bool = False,
                     embed_limit: int = EMBED_LIMIT) -> dict[str, Any]:
     """Write the artifact folder for `source`; returns the manifest details.
@@ -88,7 +79,7 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
         "decoder": lambda: build_decoder(source, dtype, options.attention),
     }
     graphs: dict[str, Any] = {}
-    with atomic_folder(out, force or _is_artifact(out)) as tmp:
+    with atomic_folder(out, force, kind=ARTIFACT_KIND, inputs=(source.path, source.vision_tower_path)) as tmp:
         for name, build in builders.items():
             t0 = time.perf_counter()
             g: Graph = build()
@@ -118,65 +109,5 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
             "graphs": graphs,
             "source": {"checkpoint": str(source.path), "vision_tower": str(source.vision_tower_path)},
         }
-        write_manifest(tmp, KIND, details)
+        write_manifest(tmp, ARTIFACT_KIND, details)
     return details
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A checked artifact folder."""
-
-    path: Path
-    config: SaisaConfig
-    details: dict[str, Any]
-    files: dict[str, Any]  # name -> {sha256, bytes}, from the manifest
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.details["dtype"]]
-
-    @property
-    def precision(self) -> str:
-        return precision_of(self.details)
-
-    def graph(self, name: str) -> Path:
-        return self.path / self.details["graphs"][name]["file"]
-
-
-def precision_of(details: dict[str, Any]) -> str:
-    """What an artifact's linear layers compute in: its calibration's precision, else its dtype."""
-    quantization = details.get("quantization")
-    return str(quantization["recipe"]["precision"] if quantization else details["dtype"])
-
-
-def config_from_json(raw: dict[str, Any]) -> SaisaConfig:
-    text = dict(raw["text"])
-    text["rope_scaling"] = RopeScaling(**text["rope_scaling"]) if text["rope_scaling"] else None
-    text["eos_token_ids"] = tuple(text["eos_token_ids"])
-    vision = dict(raw["vision"])
-    vision["image_mean"], vision["image_std"] = tuple(vision["image_mean"]), tuple(vision["image_std"])
-    return SaisaConfig(TextConfig(**text), MultimodalConfig(**raw["mm"]), VisionConfig(**vision))
-
-
-def read_artifact(path: Path, verify: bool = True) -> Artifact:
-    """Open an artifact folder: manifest kind and version, every file present and (if `verify`) unchanged."""
-    manifest_path = path / MANIFEST_NAME
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise SaisaError(f"{path}: no {MANIFEST_NAME}; not an artifact folder (run `saisa-edge export`)") from None
-    except (OSError, ValueError) as e:
-        raise SaisaError(f"{manifest_path}: unreadable ({e}); export the artifact again") from None
-    if manifest.get("kind") != KIND:
-        raise SaisaError(f"{path}: holds a {manifest.get('kind')!r}, not an ONNX artifact")
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise SaisaError(f"{manifest_path}: manifest version {manifest.get('manifest_version')} is not "
-                         f"{MANIFEST_VERSION}; export the artifact again with this saisa-edge")
-    for name, entry in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise SaisaError(f"{file}: missing from the artifact; export it again")
-        if file.stat().st_size != entry["bytes"] or (verify and sha256_file(file) != entry["sha256"]):
-            raise SaisaError(f"{file}: does not match its checksum in {MANIFEST_NAME}; export the artifact again")
-    details = manifest["details"]
-    return Artifact(path, config_from_json(details["config"]), details, manifest["files"])

@@ -1,24 +1,23 @@
-"""Engine builds, all but the TensorRT calls: attention mode, optimization profiles,
-the engine folder's manifest and the checks that refuse a mismatched engine.
+"""Engine builds, all but the TensorRT calls: GPU probing, target and attention mode,
+optimization profiles and the checks that refuse a build before it starts.
 
-Tested without TensorRT; `trt_build` and the TensorRT backend only carry these out.
+Tested without TensorRT; `trt_build` only carries these out. The engine folder's manifest
+and the checks that refuse a mismatched engine belong to the format layer (`saisa_edge.artifacts`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saisa_edge.artifacts import MANIFEST_NAME, MANIFEST_VERSION
+from saisa_edge.artifacts import ENGINE_KIND, Artifact
+from saisa_edge.artifacts.folders import check_output
+from saisa_edge.artifacts import names as io
 from saisa_edge.errors import SaisaError
-from saisa_edge.export import graphs as io
-from saisa_edge.export.artifact import Artifact
-from saisa_edge.targets import Target, check_precision
+from saisa_edge.targets import Target, by_compute_capability, check_precision, target as named_target
 
-ENGINE_KIND = "tensorrt-engines"
 ATTENTION_MODES = ("auto", "plugin", "native", "decomposed")
 PYTHON_AOT_PLUGINS = (10, 9)  # tensorrt.plugin with ahead-of-time implementations
 NATIVE_ATTENTION = (10, 14)  # ONNX Attention in TensorRT's parser
@@ -94,9 +93,9 @@ def profiles(art: Artifact, graph: str, max_batch: int, max_context: int) -> lis
     kv, d = t.num_key_value_heads, t.head_dim
     if max_batch < 1:
         raise SaisaError(f"--max-batch {max_batch}: must be at least 1")
-    if not n < max_context <= int(art.details["max_context"]):
+    if not n < max_context <= art.max_context:
         raise SaisaError(f"--max-context {max_context}: must exceed the {n} visual tokens and be at most the "
-                         f"artifact's {art.details['max_context']}")
+                         f"artifact's {art.max_context}")
     batch = (1, 1, max_batch)
 
     def three(shape: Callable[[int], Dims]) -> tuple[Dims, Dims, Dims]:
@@ -130,7 +129,7 @@ def profiles(art: Artifact, graph: str, max_batch: int, max_context: int) -> lis
 def cache_bytes(art: Artifact, max_batch: int, max_context: int) -> int:
     """Device memory of the K/V a full batch holds at the longest context (visual + text)."""
     t = art.config.text
-    itemsize = 4 if art.details["dtype"] == "fp32" else 2
+    itemsize = 4 if art.dtype == "fp32" else 2
     return 2 * t.num_hidden_layers * max_batch * t.num_key_value_heads * max_context * t.head_dim * itemsize
 
 
@@ -152,43 +151,40 @@ def check_precision_for(art: Artifact, target: Target) -> None:
                          f"with --target {target.name}")
 
 
-@dataclass(frozen=True)
-class EngineManifest:
-    tensorrt_version: str
-    compute_capability: tuple[int, int]
-    target: str
-    precision: str
-    attention: str
-    plugin_version: str | None
-    max_batch: int
-    max_context: int
-    profiles: dict[str, list[str]]
-    artifact: dict[str, Any]  # path, manifest checksum, details (config, dtype, quantization, ...)
+def gpu_and_tensorrt() -> tuple[Any, tuple[int, int]]:
+    """TensorRT and this GPU's compute capability, or a one-line error saying what to install."""
+    from saisa_edge.backends.tensorrt import INSTALL_HINT, import_tensorrt
 
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def check_engine(folder: Path, manifest: dict[str, Any], trt_version: str, capability: tuple[int, int]) -> None:
-    """An engine runs only on the TensorRT version and GPU generation that built it."""
-    if manifest.get("kind") != ENGINE_KIND:
-        raise SaisaError(f"{folder}: holds a {manifest.get('kind')!r}, not TensorRT engines")
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise SaisaError(f"{folder}: manifest version {manifest.get('manifest_version')}; build the engines again")
-    d = manifest["details"]
-    if d["tensorrt_version"] != trt_version:
-        raise SaisaError(f"{folder}: built with TensorRT {d['tensorrt_version']}, this is TensorRT {trt_version}; "
-                         "rebuild with `saisa-edge build` here")
-    if tuple(d["compute_capability"]) != tuple(capability):
-        built = "{}.{}".format(*d["compute_capability"])
-        raise SaisaError(f"{folder}: built for compute capability {built}, this GPU is {capability[0]}.{capability[1]}; "
-                         "rebuild with `saisa-edge build` on this GPU")
-
-
-def read_engine_manifest(folder: Path) -> dict[str, Any]:
+    trt = import_tensorrt("build")
     try:
-        return dict(json.loads((folder / MANIFEST_NAME).read_text()))
-    except FileNotFoundError:
-        raise SaisaError(f"{folder}: no {MANIFEST_NAME}; not an engine folder (run `saisa-edge build`)") from None
-    except (OSError, ValueError) as e:
-        raise SaisaError(f"{folder}/{MANIFEST_NAME}: unreadable ({e}); build the engines again") from None
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        raise SaisaError(f"build: cuda-python is not installed (pip install cuda-python); {INSTALL_HINT}") from None
+
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise SaisaError(f"build: no CUDA GPU found ({err}); {INSTALL_HINT}")
+    return trt, (int(props.major), int(props.minor))
+
+
+def build_here(art: Artifact, output: Path, target: str, attention: str, max_batch: int, max_context: int | None,
+               force: bool) -> str:
+    """Build `art`'s engines for this machine's GPU into `output`; returns what was built, in words."""
+    check_output(output, force, kind=ENGINE_KIND, inputs=(art.path,))  # before probing: refused on any machine
+    trt, capability = gpu_and_tensorrt()
+    chosen = by_compute_capability(*capability) if target == "auto" else named_target(target)
+    if chosen.compute_capability is None:
+        raise SaisaError("--target cpu: engines are for GPUs; run the artifact with ONNX Runtime instead")
+    if chosen.compute_capability != capability:
+        raise SaisaError(f"--target {chosen.name} is compute capability {chosen.sm}, this GPU is sm_"
+                         f"{capability[0]}{capability[1]}; build on the target device (engines are not portable)")
+    check_precision_for(art, chosen)
+    options = BuildOptions(chosen, attention, max_batch, max_context)
+    context = max_context or art.max_context
+    mode = resolve_attention(attention, art.details["attention"], trt.__version__)
+    weights = sum(g["weights_bytes"] for g in art.details["graphs"].values())
+    check_fits(art, options, weights, context)
+    from saisa_edge.plugins.trt_build import build_engines
+
+    build_engines(art, output, options, mode, context, capability, force)
+    return f"{chosen.name}, attention {mode}"

@@ -15,11 +15,11 @@ from typing import Any
 import onnx
 import tensorrt as trt
 
-from saisa_edge.artifacts import MANIFEST_NAME, atomic_folder, sha256_file, write_manifest
+from saisa_edge.artifacts import ENGINE_KIND, Artifact, EngineManifest, atomic_folder, write_manifest
+from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
-from saisa_edge.export.artifact import Artifact, copy_tokenizer
-from saisa_edge.export.graphs import GRAPHS
+from saisa_edge.export.artifact import copy_tokenizer
 from saisa_edge.plugins import build
 from saisa_edge.progress import say
 
@@ -62,7 +62,8 @@ def build_engines(art: Artifact, out: Path, options: build.BuildOptions, attenti
     cache_path = out.parent / f".saisa-timing-{options.target.name}-{trt.__version__}.cache"
     cache_blob = cache_path.read_bytes() if cache_path.exists() else b""
     built: dict[str, list[str]] = {}
-    with atomic_folder(out, force) as tmp, tempfile.TemporaryDirectory(prefix="saisa-build-") as work:
+    output = atomic_folder(out, force, kind=ENGINE_KIND, inputs=(art.path,))
+    with output as tmp, tempfile.TemporaryDirectory(prefix="saisa-build-") as work:
         for name in GRAPHS:
             t0 = time.perf_counter()
             network, _parser = _network(builder, _onnx_for(art, name, attention, Path(work)))
@@ -87,14 +88,14 @@ def build_engines(art: Artifact, out: Path, options: build.BuildOptions, attenti
         tmp_cache.write_bytes(cache_blob)
         tmp_cache.replace(cache_path)
         copy_tokenizer(art.path, tmp)
-        manifest = build.EngineManifest(
+        manifest = EngineManifest(
             tensorrt_version=trt.__version__, compute_capability=capability, target=options.target.name,
             precision=art.precision, attention=attention,
             plugin_version=naavit.PLUGIN_VERSION if attention == "plugin" else None,
             max_batch=options.max_batch, max_context=max_context, profiles=built,
-            artifact={"path": str(art.path), "manifest_sha256": sha256_file(art.path / MANIFEST_NAME),
+            artifact={"path": str(art.path), "manifest_sha256": art.manifest_sha256,
                       **{k: art.details[k] for k in ("config", "dtype", "conv_mode", "source", "max_context")},
                       "quantization": art.details.get("quantization")},
         )
-        write_manifest(tmp, build.ENGINE_KIND, manifest.as_json())
+        write_manifest(tmp, ENGINE_KIND, manifest.as_json())
     return manifest.as_json()

@@ -12,10 +12,12 @@ from typing import Any
 import click
 
 from saisa_edge import __version__
+from saisa_edge.artifacts import Artifact
 from saisa_edge.backends import BACKENDS
 from saisa_edge.calibration import recipe as recipes
 from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
+from saisa_edge.extras import require_export
 from saisa_edge.runtime.kv_storage import STORAGES
 
 
@@ -46,12 +48,17 @@ def main() -> None:
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "bin"]), default="safetensors", show_default=True)
 @click.option("--shard-mb", type=click.FloatRange(min=0), default=0, help="Shard the weights at this size (0: one file).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-@click.option("--force", is_flag=True, help="Replace an existing folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier make-checkpoint output.")
 def make_checkpoint(preset: str, output: Path, dtype: str | None, fmt: str, shard_mb: float, seed: int, force: bool) -> None:
     """Write a SAISA checkpoint in the original LLaVA layout, vision tower included."""
+    require_export("make-checkpoint")
+    from saisa_edge.artifacts import CHECKPOINT_KIND
+    from saisa_edge.artifacts.folders import check_output
     from saisa_edge.checkpoint.presets import PRESETS, write_checkpoint
+    from saisa_edge.checkpoint.smollm2 import gguf_path
     from saisa_edge.progress import say
 
+    check_output(output, force, kind=CHECKPOINT_KIND, inputs=(gguf_path(),) if preset == "smol" else ())
     t0 = time.perf_counter()
     chosen = PRESETS[preset]
     spec = chosen.build(seed=seed)
@@ -95,11 +102,18 @@ def _session(source: Path, backend: str, vision_tower: Path | None, conv_mode: s
     from saisa_edge.runtime.visual_cache import VisualCache
 
     t0 = time.perf_counter()
+    _require_torch(source, backend)
     model, tokenizer = open_model(source, backend, vision_tower, dtype)
     template = get_template(conv_mode or tokenizer.default_conv_mode())
     cache = VisualCache(model.config.text, model.identity, model.dtype, int(cache_mb * 2**20), cache_dir,
                         cache_storage)
     return Session(model, tokenizer, template, cache), (time.perf_counter() - t0) * 1000
+
+
+def _require_torch(source: Path, backend: str) -> None:
+    """The PyTorch backend (a checkpoint, or --backend torch) is part of the export extra."""
+    if backend == "torch" or (backend == "auto" and (source / "config.json").is_file()):
+        require_export(f"{source} on the PyTorch backend")
 
 
 def _pixels(session: Any, image: Any) -> Any:
@@ -200,10 +214,11 @@ def chat(source: Path, backend: str, vision_tower: Path | None, conv_mode: str |
               help="custom: saisa::NAAViTAttention with its function body (ONNX Runtime, TensorRT decomposed); "
                    "plugin: the node only (TensorRT with the plugin); native: ONNX Attention (opset 23+).")
 @click.option("--max-context", type=int, default=None, help="Longest sequence the artifact serves (default: the model's).")
-@click.option("--force", is_flag=True, help="Replace an existing folder that is not an earlier export.")
+@click.option("--force", is_flag=True, help="Replace an earlier export output.")
 def export(checkpoint: Path, output: Path, vision_tower: Path | None, dtype: str, opset: int | None, attention: str,
            max_context: int | None, force: bool) -> None:
     """Export CHECKPOINT to an artifact folder: vision, visual K/V and decoder ONNX graphs plus a manifest."""
+    require_export("export")
     from saisa_edge.checkpoint.loader import open_checkpoint
     from saisa_edge.export.artifact import DEFAULT_OPSET, ExportOptions, export_artifact
     from saisa_edge.export.naavit import NATIVE_MIN_OPSET
@@ -228,10 +243,11 @@ def _thresholds(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _report(candidate: Path, reference: Path | None, vision_tower: Path | None, images: Path | None,
+def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Path | None, images: Path | None,
             prompts: Path | None, samples: int, bounds: dict[str, float | None], as_json: bool,
             kv_storage: str = "native") -> None:
-    """Validate, print the table (or JSON), exit 1 on failure."""
+    """Validate CANDIDATE (a folder, or one already opened), print the table (or JSON), exit 1 on failure."""
+    require_export("validate")
     from saisa_edge.evaluation.validate import run_validation, table
     from saisa_edge.progress import track
 
@@ -266,7 +282,7 @@ def _report(candidate: Path, reference: Path | None, vision_tower: Path | None, 
 @click.option("--report-samples", type=click.IntRange(min=0), default=6, show_default=True,
               help="Held-out pairs in the accuracy report (0: no report).")
 @_thresholds
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier calibrate output.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
               samples: int, method: str | None, percentile: float, keep: str, smoothquant: float, max_noise: float,
               decode_steps: int,
@@ -274,6 +290,9 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
               min_greedy: float | None, force: bool) -> None:
     """Quantize ARTIFACT to INT8 or FP8 (explicit Q/DQ), calibrated on image+prompt pairs; then
     report its accuracy on held-out pairs against the fp32 reference (exit 1 if it fails)."""
+    require_export("calibrate")
+    from saisa_edge.artifacts import ARTIFACT_KIND, open_artifact
+    from saisa_edge.artifacts.folders import check_output
     from saisa_edge.calibration.calibrate import calibrate as run_calibration, open_source, summary
     from saisa_edge.calibration.data import pairs
     from saisa_edge.calibration.recipe import make_recipe
@@ -281,12 +300,14 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
 
     recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
                          smoothquant or None, percentile, max_noise)
-    cfg = open_source(artifact).config
+    check_output(output, force, kind=ARTIFACT_KIND, inputs=(artifact,))  # before the calibration passes
+    source = open_source(artifact)
+    cfg = source.config
     data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.pads_images)
-    details = run_calibration(artifact, output, recipe, data, decode_steps, force)
+    details = run_calibration(source, output, recipe, data, decode_steps, force)
     say(f"wrote {output}: {json.dumps(summary(details))}")
-    if report_samples:
-        _report(output, reference, None, None, None, report_samples,
+    if report_samples:  # its files were hashed as they were written, moments ago: sizes are checked, not hashes
+        _report(open_artifact(output, verify=False), reference, None, None, None, report_samples,
                 {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy}, as_json=False)
 
 
@@ -320,48 +341,15 @@ def validate(source: Path, reference: Path | None, vision_tower: Path | None, im
                    "function body, any TensorRT), or auto (by TensorRT version and the artifact).")
 @click.option("--max-batch", type=int, default=1, show_default=True)
 @click.option("--max-context", type=int, default=None, help="Longest sequence (default: the artifact's).")
-@click.option("--force", is_flag=True, help="Replace an existing folder.")
+@click.option("--force", is_flag=True, help="Replace an earlier build output.")
 def build(artifact: Path, output: Path, target: str, attention: str, max_batch: int, max_context: int | None,
           force: bool) -> None:
     """Build TensorRT engines for ARTIFACT (strongly typed; profiles for prefill and decode)."""
-    from saisa_edge.export.artifact import read_artifact
-    from saisa_edge.plugins import build as plan
-    from saisa_edge.targets import by_compute_capability, target as named_target
+    from saisa_edge.artifacts import open_artifact
+    from saisa_edge.plugins.build import build_here
 
-    art = read_artifact(artifact)
-    trt, capability = _gpu_and_tensorrt()
-    chosen = by_compute_capability(*capability) if target == "auto" else named_target(target)
-    if chosen.compute_capability is None:
-        raise SaisaError("--target cpu: engines are for GPUs; run the artifact with ONNX Runtime instead")
-    if chosen.compute_capability != capability:
-        raise SaisaError(f"--target {chosen.name} is compute capability {chosen.sm}, this GPU is sm_"
-                         f"{capability[0]}{capability[1]}; build on the target device (engines are not portable)")
-    plan.check_precision_for(art, chosen)
-    options = plan.BuildOptions(chosen, attention, max_batch, max_context)
-    context = max_context or int(art.details["max_context"])
-    mode = plan.resolve_attention(attention, art.details["attention"], trt.__version__)
-    weights = sum(g["weights_bytes"] for g in art.details["graphs"].values())
-    plan.check_fits(art, options, weights, context)
-    from saisa_edge.plugins.trt_build import build_engines
-
-    build_engines(art, output, options, mode, context, capability, force)
-    click.echo(f"wrote {output} ({chosen.name}, attention {mode})", err=True)
-
-
-def _gpu_and_tensorrt() -> tuple[Any, tuple[int, int]]:
-    """TensorRT and this GPU's compute capability, or a one-line error saying what to install."""
-    from saisa_edge.backends.tensorrt import INSTALL_HINT, import_tensorrt
-
-    trt = import_tensorrt("build")
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        raise SaisaError(f"build: cuda-python is not installed (pip install cuda-python); {INSTALL_HINT}") from None
-
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise SaisaError(f"build: no CUDA GPU found ({err}); {INSTALL_HINT}")
-    return trt, (int(props.major), int(props.minor))
+    built = build_here(open_artifact(artifact), output, target, attention, max_batch, max_context, force)
+    click.echo(f"wrote {output} ({built})", err=True)
 
 
 @main.command()
@@ -380,6 +368,7 @@ def flops(checkpoint: Path | None, name: str | None, text_tokens: int, as_json: 
             raise SaisaError(f"--config {name!r}: choose one of {', '.join(CONFIGS)}")
         shapes, label = CONFIGS[name], name
     else:
+        require_export("flops CHECKPOINT")
         from saisa_edge.checkpoint.loader import open_checkpoint
 
         assert checkpoint is not None
@@ -403,7 +392,7 @@ def bench(source: Path, backend: str, vision_tower: Path | None, dtype: str | No
           batches: str, decode_tokens: int, repeats: int, as_json: bool, plot: Path | None) -> None:
     """Time SOURCE (SAISA) against the LLaVA-1.5 layout on the same backbone and backend."""
     from saisa_edge.backends import open_model
-    from saisa_edge.evaluation.bench import bench as run_bench, plot as draw
+    from saisa_edge.evaluation.bench import bench as run_bench, plot as draw, table
     from saisa_edge.inputs.conversation import get_template
     from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
     from saisa_edge.progress import say
@@ -418,6 +407,7 @@ def bench(source: Path, backend: str, vision_tower: Path | None, dtype: str | No
         return values
 
     lengths, sizes = ints("--prompt-lengths", prompt_lengths), ints("--batches", batches)
+    _require_torch(source, backend)
     model, tokenizer = open_model(source, backend, vision_tower, dtype)
     cfg = model.config
     if max(lengths) + cfg.num_visual_tokens + decode_tokens >= model.max_context:
@@ -431,13 +421,4 @@ def bench(source: Path, backend: str, vision_tower: Path | None, dtype: str | No
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"{'layout':<10} {'prompt':>6} {'batch':>5} {'ttft cold':>10} {'cached':>8} {'vision':>8} "
-               f"{'vis kv':>7} {'prefill/s':>10} {'decode/s':>9}")
-    for p in report["points"]:
-        cached = f"{p['ttft_cached_ms']:8.1f}" if p["ttft_cached_ms"] is not None else f"{'-':>8}"
-        click.echo(f"{p['layout']:<10} {p['prompt_tokens']:6d} {p['batch']:5d} {p['ttft_cold_ms']:10.1f} {cached} "
-                   f"{p['vision_ms']:8.1f} {p['visual_kv_ms']:7.1f} {p['prefill_tokens_per_s']:10.1f} "
-                   f"{p['decode_tokens_per_s']:9.1f}")
-    click.echo(f"visual cache {report['visual_cache_bytes_per_image'] / 2**20:.1f} MiB per image; "
-               f"peak RSS {report['peak_rss_mib']:.0f} MiB; median decode speed-up over LLaVA-1.5 "
-               f"{report['median_decode_speedup']}x")
+    click.echo(table(report))

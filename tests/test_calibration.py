@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 
-from saisa_edge.artifacts import MANIFEST_NAME
+from saisa_edge.artifacts import MANIFEST_NAME, open_artifact
 from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.calibration import qdq
 from saisa_edge.calibration.calibrate import calibrate
@@ -24,7 +24,7 @@ from saisa_edge.checkpoint.loader import open_checkpoint
 from saisa_edge.checkpoint.presets import tiny, write_checkpoint
 from saisa_edge.cli import main
 from saisa_edge.errors import SaisaError
-from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
+from saisa_edge.export.artifact import ExportOptions, export_artifact
 from saisa_edge.model.split import TextCache
 from tests.conftest import DEMO_IMAGE
 
@@ -40,7 +40,7 @@ def float_artifact(tmp_path_factory, tiny_gqa_dir):
 def calibrated(tmp_path_factory, float_artifact):
     """An int8 (SmoothQuant, cpu target) and an fp8 (h100) artifact, vision included."""
     root = tmp_path_factory.mktemp("calibrated")
-    cfg = read_artifact(float_artifact).config
+    cfg = open_artifact(float_artifact).config
     data = pairs(cfg.vision, 4)
     out = {}
     for precision, target in (("int8", "cpu"), ("fp8", "h100")):
@@ -142,7 +142,7 @@ def test_bad_calibration_data(tmp_path, tiny_ckpt):
 
 
 def test_sites_are_the_linear_layers(float_artifact, tiny_gqa_ckpt):
-    art = read_artifact(float_artifact)
+    art = open_artifact(float_artifact)
     layers = tiny_gqa_ckpt.config.text.num_hidden_layers
     decoder = qdq.find_sites(onnx.load(str(art.graph("decoder"))))
     assert len(decoder) == 4 * layers + 1  # qkv, o, gate_up, down; the tied head
@@ -155,12 +155,12 @@ def test_tied_head_is_quantized_from_the_embedding(tmp_path):
     export_artifact(open_checkpoint(ckpt), tmp_path / "fp32", ExportOptions())
     head = [s for s in qdq.find_sites(onnx.load(str(tmp_path / "fp32" / "decoder.onnx"))) if s.role == qdq.LM_HEAD]
     assert len(head) == 1 and head[0].transposed and head[0].weight == "model.embed_tokens.weight"
-    cfg = read_artifact(tmp_path / "fp32").config
+    cfg = open_artifact(tmp_path / "fp32").config
     calibrate(tmp_path / "fp32", tmp_path / "int8", make_recipe("int8", "h100", keep=()), pairs(cfg.vision, 2), 1)
     model = onnx.load(str(tmp_path / "int8" / "decoder.onnx"))
     assert not any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight" for n in model.graph.node)
     assert {t.name for t in model.graph.initializer} >= {"model.embed_tokens.weight", "lm_head.weight.quantized"}
-    OrtBackend(read_artifact(tmp_path / "int8"))  # loads and checks
+    OrtBackend(open_artifact(tmp_path / "int8"))  # loads and checks
 
 
 def _run_decoder(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
@@ -181,7 +181,7 @@ def _decoder_feeds(art, ids):
 
 
 def test_smoothing_keeps_the_float_function(float_artifact):
-    art = read_artifact(float_artifact)
+    art = open_artifact(float_artifact)
     model = onnx.load(str(art.graph("decoder")))
     feeds = _decoder_feeds(art, [1, 5, 9, 3, 7])
     before = _run_decoder(model, feeds)
@@ -226,7 +226,7 @@ def test_qdq_pattern_is_what_tensorrt_fuses(calibrated):
 def test_calibrated_artifacts_run_close_to_float(calibrated, float_artifact, tiny_gqa_ckpt):
     from saisa_edge.inputs.image import load_image, preprocess
 
-    fp = OrtBackend(read_artifact(float_artifact))
+    fp = OrtBackend(open_artifact(float_artifact))
     pixels = preprocess(load_image(DEMO_IMAGE), tiny_gqa_ckpt.config.vision)[None]
     ids, pos = torch.tensor([[3, 8, 2, 6, 1, 4]]), torch.arange(6)[None] + 2
     cfg = tiny_gqa_ckpt.config.text
@@ -238,7 +238,7 @@ def test_calibrated_artifacts_run_close_to_float(calibrated, float_artifact, tin
 
     ref = logits(fp)
     for precision, folder in calibrated.items():
-        art = read_artifact(folder)
+        art = open_artifact(folder)
         assert art.details["quantization"]["recipe"]["precision"] == precision
         got = logits(OrtBackend(art))
         cos = float(torch.nn.functional.cosine_similarity(ref, got, dim=0))
@@ -249,9 +249,9 @@ def test_calibrated_artifacts_run_close_to_float(calibrated, float_artifact, tin
 def test_fp8_artifacts_run_with_quant_qdq_fusions_off(calibrated):
     """ONNX Runtime's CPU has no fused FP8 Q/DQ kernels: the runtime turns the fusions off for FP8 only."""
     entry = "session.disable_quant_qdq"
-    fp8 = OrtBackend(read_artifact(calibrated["fp8"])).sessions["decoder"].get_session_options()
+    fp8 = OrtBackend(open_artifact(calibrated["fp8"])).sessions["decoder"].get_session_options()
     assert fp8.get_session_config_entry(entry) == "1"
-    int8 = OrtBackend(read_artifact(calibrated["int8"])).sessions["decoder"].get_session_options()
+    int8 = OrtBackend(open_artifact(calibrated["int8"])).sessions["decoder"].get_session_options()
     with pytest.raises(Exception, match="does not have configuration"):
         int8.get_session_config_entry(entry)  # int8 keeps ORT's fused integer kernels
 

@@ -189,14 +189,19 @@ def test_refuses_existing_folder_and_leaves_nothing_on_failure(tmp_path, spec):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(SaisaError, match="already exists; pass --force"):
         write_checkpoint(spec, out, dtype="fp32")
+    with pytest.raises(SaisaError, match="not an earlier output"):  # --force replaces only our own outputs
+        write_checkpoint(spec, out, dtype="fp32", force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    write_checkpoint(spec, out, dtype="fp32")
     with pytest.raises(RuntimeError):
         with atomic_folder(out, force=True) as tmp:
             (tmp / "half.bin").write_bytes(b"x")
             raise RuntimeError("killed midway")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert (out / "config.json").exists() and not (out / "half.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
-    write_checkpoint(spec, out, dtype="fp32", force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    write_checkpoint(spec, out, dtype="fp16", force=True)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from saisa_edge.artifacts import MANIFEST_NAME
+from saisa_edge.artifacts import MANIFEST_NAME, open_artifact
 from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.backends.pytorch import TorchBackend
 from saisa_edge.checkpoint.loader import open_checkpoint
 from saisa_edge.cli import main
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
-from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
+from saisa_edge.export.artifact import ExportOptions, export_artifact
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model import split
@@ -32,7 +32,7 @@ FP32_BOUND = 1e-4  # ONNX Runtime reorders fp32 sums; logits are O(1)
 
 def _export(ckpt_dir, out, **options):
     export_artifact(open_checkpoint(ckpt_dir), out, ExportOptions(**options))
-    return OrtBackend(read_artifact(out))
+    return OrtBackend(open_artifact(out))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_plugin_variant_is_the_bare_node(tmp_path, tiny_dir):
     assert attrs["plugin_namespace"] == b"saisa" and attrs["plugin_version"] == b"1"
     assert abs(attrs["scale"] - 0.25) < 1e-7
     assert len(model.graph.input) == 4 + 2 * 4  # ids, positions, past positions, visual end; 4 K/V per layer
-    read_artifact(tmp_path / "p")  # a complete artifact, for TensorRT with the plugin
+    open_artifact(tmp_path / "p")  # a complete artifact, for TensorRT with the plugin
 
 
 def test_fp16_export_agrees(tmp_path, tiny_gqa_dir, tiny_gqa_ckpt):
@@ -168,7 +168,7 @@ def test_external_data(tmp_path, tiny_dir, tiny_ckpt):
     manifest = json.loads((tmp_path / "x" / MANIFEST_NAME).read_text())
     assert manifest["details"]["graphs"]["decoder"]["external_data"] == "decoder.onnx.data"
     assert (tmp_path / "x" / "decoder.onnx").stat().st_size < 100_000
-    ort_b = OrtBackend(read_artifact(tmp_path / "x"))
+    ort_b = OrtBackend(open_artifact(tmp_path / "x"))
     pixels = _pixels(tiny_ckpt)[0]
     t = TEMPLATES["vicuna_v1"]
     assert (generate(ort_b, tiny_ckpt.tokenizer, t, "Hi", pixels, SamplingParams(), 8).tokens
@@ -190,7 +190,7 @@ def test_manifest_contents(tmp_path, tiny_dir):
     assert {"tokenizer.model", "tokenizer_config.json", "decoder.onnx", "vision.onnx", "visual_kv.onnx"} <= set(m["files"])
     for g in ("vision", "visual_kv", "decoder"):
         onnx.checker.check_model(str(tmp_path / "m" / f"{g}.onnx"), full_check=True)
-    assert read_artifact(tmp_path / "m").config == open_checkpoint(tiny_dir).config
+    assert open_artifact(tmp_path / "m").config == open_checkpoint(tiny_dir).config
 
 
 # --- refusals -------------------------------------------------------------------------------
@@ -202,9 +202,15 @@ def test_folder_rules(tmp_path, tiny_dir):
     (out / "mine.txt").write_text("keep")
     with pytest.raises(SaisaError, match="already exists; pass --force"):
         export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())
-    export_artifact(open_checkpoint(tiny_dir), out, ExportOptions(), force=True)
-    export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())  # an earlier export is replaced
-    assert not (out / "mine.txt").exists()
+    with pytest.raises(SaisaError, match="not an earlier output of `saisa-edge export`"):
+        export_artifact(open_checkpoint(tiny_dir), out, ExportOptions(), force=True)
+    assert (out / "mine.txt").read_text() == "keep"
+    (out / "mine.txt").unlink()
+    export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())  # an empty folder is filled
+    with pytest.raises(SaisaError, match="already exists; pass --force"):
+        export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())
+    export_artifact(open_checkpoint(tiny_dir), out, ExportOptions(max_context=512), force=True)  # an earlier export
+    assert open_artifact(out).max_context == 512
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, tiny_dir, monkeypatch):
@@ -241,20 +247,20 @@ def test_damaged_artifacts_are_refused(tmp_path, tiny_dir):
     export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())
     copy = shutil.copytree(out, tmp_path / "c1")
     (copy / "visual_kv.onnx").unlink()
-    with pytest.raises(SaisaError, match="visual_kv.onnx: missing from the artifact"):
-        read_artifact(copy)
+    with pytest.raises(SaisaError, match="visual_kv.onnx: missing from the folder"):
+        open_artifact(copy)
     copy = shutil.copytree(out, tmp_path / "c2")
     data = bytearray((copy / "decoder.onnx").read_bytes())
     data[-10] ^= 0xFF
     (copy / "decoder.onnx").write_bytes(bytes(data))
     with pytest.raises(SaisaError, match="decoder.onnx: does not match its checksum"):
-        read_artifact(copy)
+        open_artifact(copy)
     copy = shutil.copytree(out, tmp_path / "c3")
     manifest = json.loads((copy / MANIFEST_NAME).read_text())
     manifest["manifest_version"] = 99
     (copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(SaisaError, match="manifest version 99"):
-        read_artifact(copy)
+    with pytest.raises(SaisaError, match="manifest_version 99; this saisa-edge reads version 1"):
+        open_artifact(copy)
 
 
 def test_bf16_export_checks_and_is_refused_by_cpu_runtime(tmp_path, tiny_dir):
@@ -262,7 +268,7 @@ def test_bf16_export_checks_and_is_refused_by_cpu_runtime(tmp_path, tiny_dir):
     model = onnx.load(str(tmp_path / "b" / "decoder.onnx"))
     assert model.graph.initializer[0].data_type == onnx.TensorProto.BFLOAT16
     with pytest.raises(SaisaError, match="bf16 artifact cannot run on ONNX Runtime's CPU provider"):
-        OrtBackend(read_artifact(tmp_path / "b"))
+        OrtBackend(open_artifact(tmp_path / "b"))
 
 
 # --- CLI ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,8 @@ from click.testing import CliRunner
 from saisa_edge.cli import main
 from saisa_edge.errors import SaisaError
 from saisa_edge.checkpoint.loader import open_checkpoint
-from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
+from saisa_edge.artifacts import open_artifact
+from saisa_edge.export.artifact import ExportOptions, export_artifact
 from saisa_edge.plugins import build
 from saisa_edge.plugins.aot import DTYPES, PTX_VERSION, check_launchable, compile_naavit
 from saisa_edge.plugins.naavit_kernel import MAX_HEAD_DIM, RUNTIME_ARGS, SHARED_LIMIT, runtime_args
@@ -142,7 +144,7 @@ def test_aot_refuses_bad_heads():
 def artifact(tmp_path_factory, tiny_gqa_dir):
     out = tmp_path_factory.mktemp("plugins") / "art"
     export_artifact(open_checkpoint(tiny_gqa_dir), out, ExportOptions())
-    return read_artifact(out)
+    return open_artifact(out)
 
 
 @pytest.mark.parametrize("requested, variant, version, chosen", [
@@ -219,20 +221,6 @@ def test_memory_budget(artifact):
         build.check_fits(artifact, nano, 6 * 2**30, 512)
 
 
-def test_engine_compatibility_checks(tmp_path):
-    manifest = {"kind": build.ENGINE_KIND, "manifest_version": 1,
-                "details": {"tensorrt_version": "10.16.0", "compute_capability": [8, 7]}}
-    build.check_engine(tmp_path, manifest, "10.16.0", (8, 7))
-    with pytest.raises(SaisaError, match="built with TensorRT 10.16.0, this is TensorRT 10.3.0"):
-        build.check_engine(tmp_path, manifest, "10.3.0", (8, 7))
-    with pytest.raises(SaisaError, match="built for compute capability 8.7, this GPU is 9.0"):
-        build.check_engine(tmp_path, manifest, "10.16.0", (9, 0))
-    with pytest.raises(SaisaError, match="not TensorRT engines"):
-        build.check_engine(tmp_path, {**manifest, "kind": "onnx-artifact"}, "10.16.0", (8, 7))
-    with pytest.raises(SaisaError, match="not an engine folder"):
-        build.read_engine_manifest(tmp_path)
-
-
 def test_targets():
     assert by_compute_capability(8, 7).name.startswith("orin") and by_compute_capability(9, 0).name == "h100"
     with pytest.raises(SaisaError, match="no preset for compute capability 7.5"):
@@ -242,12 +230,12 @@ def test_targets():
 
 def test_precision_checks_before_a_build(artifact, tmp_path):
     build.check_precision_for(artifact, TARGETS["orin-nx"])
-    fp8 = type(artifact)(artifact.path, artifact.config, {**artifact.details, "quantization": {
-        "recipe": {"precision": "fp8", "target": "h100"}}}, artifact.files)
+    fp8 = dataclasses.replace(artifact, precision="fp8", details={**artifact.details, "quantization": {
+        "recipe": {"precision": "fp8", "target": "h100"}}})
     with pytest.raises(SaisaError, match="--precision fp8.*use --precision int8"):
         build.check_precision_for(fp8, TARGETS["orin-agx"])
-    cpu = type(artifact)(artifact.path, artifact.config, {**artifact.details, "quantization": {
-        "recipe": {"precision": "int8", "target": "cpu"}}}, artifact.files)
+    cpu = dataclasses.replace(artifact, precision="int8", details={**artifact.details, "quantization": {
+        "recipe": {"precision": "int8", "target": "cpu"}}})
     with pytest.raises(SaisaError, match="calibrated for --target cpu"):
         build.check_precision_for(cpu, TARGETS["h100"])
 

@@ -14,7 +14,8 @@ from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.backends.pytorch import TorchBackend
 from saisa_edge.checkpoint.loader import open_checkpoint
 from saisa_edge.cli import main
-from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
+from saisa_edge.artifacts import open_artifact
+from saisa_edge.export.artifact import ExportOptions, export_artifact
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model import original
@@ -35,7 +36,7 @@ def _session(backend, tokenizer, template=VICUNA, cache=True) -> Session:
 def ort_gqa(tmp_path_factory, tiny_gqa_dir):
     out = tmp_path_factory.mktemp("s") / "gqa"
     export_artifact(open_checkpoint(tiny_gqa_dir), out, ExportOptions())
-    return OrtBackend(read_artifact(out))
+    return OrtBackend(open_artifact(out))
 
 
 @pytest.fixture(params=["torch", "onnxruntime"])

@@ -90,13 +90,14 @@ def test_cli_answers_about_the_bundled_image(smol_dir):
 def test_smol_export_runs_in_onnxruntime(smol_dir, smol, tmp_path):
     """Real sizes through export: weights streamed to external data, same greedy tokens as PyTorch."""
     from saisa_edge.backends.ort import OrtBackend
+    from saisa_edge.artifacts import open_artifact
     from saisa_edge.checkpoint.loader import open_checkpoint
-    from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
+    from saisa_edge.export.artifact import ExportOptions, export_artifact
 
     out = tmp_path / "art"
     details = export_artifact(open_checkpoint(smol_dir), out, ExportOptions())
     assert details["graphs"]["decoder"]["external_data"] == "decoder.onnx.data"
-    ort_b = OrtBackend(read_artifact(out))
+    ort_b = OrtBackend(open_artifact(out))
     t = TEMPLATES["chatml_direct"]
     answer = generate(ort_b, smol.tokenizer, t, "What is the capital of France?", None, SamplingParams(), 24)
     assert "Paris" in answer.text

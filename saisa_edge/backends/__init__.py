@@ -7,11 +7,11 @@ checkpoint, ONNX Runtime an artifact folder, and TensorRT engines join the same 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
-from saisa_edge.artifacts import MANIFEST_NAME, read_manifest
+from saisa_edge.artifacts import MANIFEST_NAME, Artifact, Engines, open_runnable
 from saisa_edge.config import SaisaConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.tokenizer import PromptTokenizer
@@ -42,38 +42,38 @@ class Backend(Protocol):
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
 
-def open_model(source: Path, backend: str = "auto", vision_tower: Path | None = None,
+def open_model(source: Path | Artifact | Engines, backend: str = "auto", vision_tower: Path | None = None,
                dtype: str | None = None) -> tuple[Backend, PromptTokenizer]:
     """A backend and tokenizer for SOURCE: an artifact folder (ONNX Runtime by default; `torch`
-    runs the checkpoint it was exported from), an engine folder (TensorRT) or a checkpoint (PyTorch)."""
-    is_artifact = (source / MANIFEST_NAME).is_file() and not (source / "config.json").is_file()
-    from saisa_edge.plugins.build import ENGINE_KIND
-
-    if is_artifact and (read_manifest(source) or {}).get("kind") == ENGINE_KIND:
+    runs the checkpoint it was exported from), an engine folder (TensorRT) or a checkpoint (PyTorch).
+    An already opened folder is used as it is (not read again)."""
+    opened = source if isinstance(source, (Artifact, Engines)) else None
+    source = opened.path if opened is not None else cast(Path, source)
+    if opened is None and (source / MANIFEST_NAME).is_file() and not (source / "config.json").is_file():
+        opened = open_runnable(source)
+    if isinstance(opened, Engines):
         if backend not in ("auto", "tensorrt"):
             raise SaisaError(f"--backend {backend}: {source} holds TensorRT engines; use --backend tensorrt")
         from saisa_edge.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(source), PromptTokenizer.load(source)
+        return TensorRTBackend(opened), PromptTokenizer.load(source)
     if backend == "tensorrt":
         raise SaisaError(f"--backend tensorrt: {source} is not an engine folder; run `saisa-edge build` first")
-    if is_artifact:
-        from saisa_edge.export.artifact import read_artifact
-
-        artifact = read_artifact(source)
+    if opened is not None:
+        artifact = opened
         if backend == "torch":
             checkpoint = Path(artifact.details["source"]["checkpoint"])
             if not (checkpoint / "config.json").is_file():
                 raise SaisaError(f"--backend torch: {source} was exported from {checkpoint}, which is gone; "
                                  "pass that checkpoint folder as SOURCE instead")
             tower = Path(artifact.details["source"]["vision_tower"])
-            return _torch(checkpoint, vision_tower or tower, dtype or artifact.details["dtype"])
+            return _torch(checkpoint, vision_tower or tower, dtype or artifact.dtype)
         from saisa_edge.backends.ort import OrtBackend
 
         if vision_tower is not None:
             raise SaisaError(f"--vision-tower: {source} is an artifact folder; its vision graph is built in")
-        if dtype is not None and dtype != artifact.details["dtype"]:
-            raise SaisaError(f"--dtype {dtype}: {source} was exported in {artifact.details['dtype']}; "
+        if dtype is not None and dtype != artifact.dtype:
+            raise SaisaError(f"--dtype {dtype}: {source} was exported in {artifact.dtype}; "
                              "export again to change it")
         return OrtBackend(artifact), PromptTokenizer.load(source)
     if (source / "config.json").is_file():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,9 +9,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from saisa_edge.artifacts import Artifact
+from saisa_edge.artifacts import names as io
+from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
-from saisa_edge.export.artifact import Artifact
-from saisa_edge.export import graphs as io
 from saisa_edge.model.split import TextCache, VisualKV
 
 
@@ -31,9 +31,9 @@ class OrtBackend:
         """`graphs` replaces some of the artifact's graph files (calibration's tapped copies);
         `observe(graph, outputs)` sees every run's outputs by name."""
         self.config = artifact.config
-        self.dtype = artifact.dtype
-        self.max_context = int(artifact.details["max_context"])
-        self.identity = f"onnxruntime:{_image_path_digest(artifact)}"
+        self.dtype = DTYPES[artifact.dtype]
+        self.max_context = artifact.max_context
+        self.identity = f"onnxruntime:{artifact.image_path_digest}"
         chosen = providers()
         if self.dtype == torch.bfloat16 and chosen == ["CPUExecutionProvider"]:
             raise SaisaError(f"{artifact.path}: a bf16 artifact cannot run on ONNX Runtime's CPU provider (no bf16 "
@@ -108,11 +108,3 @@ class OrtBackend:
         )
         return out[io.LOGITS], cache
 
-
-def _image_path_digest(artifact: Artifact) -> str:
-    """Checksums (from the manifest) of the graphs an image goes through."""
-    h = hashlib.sha256()
-    for name in sorted(artifact.files):
-        if name.startswith(("vision.onnx", "visual_kv.onnx")):
-            h.update(f"{name}|{artifact.files[name]['sha256']}\n".encode())
-    return h.hexdigest()

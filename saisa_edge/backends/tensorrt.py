@@ -10,20 +10,18 @@ maintain it. Nothing here runs without TensorRT and a GPU; the checks it relies 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from saisa_edge.artifacts import Engines
+from saisa_edge.artifacts import names as io
+from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.config import DTYPES
 from saisa_edge.errors import SaisaError
-from saisa_edge.export import graphs as io
-from saisa_edge.export.artifact import config_from_json
-from saisa_edge.export.graphs import GRAPHS
 from saisa_edge.model.split import TextCache, VisualKV
-from saisa_edge.plugins.build import check_engine, read_engine_manifest
 
 INSTALL_HINT = ("install TensorRT 10.9+ (x86-64: `pip install tensorrt`; Jetson: JetPack's python3-libnvinfer) "
                 "and run on a machine with an NVIDIA GPU")
@@ -103,12 +101,10 @@ class _Engine:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, folder: Path):
+    def __init__(self, engines: Engines):
         trt = _tensorrt()
-        manifest = read_engine_manifest(folder)
-        check_engine(folder, manifest, trt.__version__, torch.cuda.get_device_capability())
-        details = manifest["details"]
-        if details["attention"] == "plugin":
+        engines.check_runtime(trt.__version__, torch.cuda.get_device_capability())
+        if engines.manifest.attention == "plugin":
             from saisa_edge.plugins import trt_plugin  # noqa: F401  (registers the plugin)
         from cuda.bindings import runtime as cudart
 
@@ -116,15 +112,11 @@ class TensorRTBackend:
         if int(err) != 0:
             raise SaisaError(f"--backend tensorrt: cannot create a CUDA stream ({err})")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines = {name: _Engine(trt, runtime, folder / f"{name}.engine", int(self.stream)) for name in GRAPHS}
-        artifact = details["artifact"]
-        self.config = config_from_json(artifact["config"])
-        self.dtype = DTYPES[artifact["dtype"]]
-        self.max_context = int(details["max_context"])
-        h = hashlib.sha256()
-        for name in ("vision.engine", "visual_kv.engine"):
-            h.update(manifest["files"][name]["sha256"].encode())
-        self.identity = f"tensorrt:{h.hexdigest()}"
+        self.engines = {name: _Engine(trt, runtime, engines.engine(name), int(self.stream)) for name in GRAPHS}
+        self.config = engines.config
+        self.dtype = DTYPES[engines.dtype]
+        self.max_context = engines.max_context
+        self.identity = f"tensorrt:{engines.image_path_digest}"
         self._layers = self.config.text.num_hidden_layers
 
     def vision(self, pixels: torch.Tensor) -> torch.Tensor:

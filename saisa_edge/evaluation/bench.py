@@ -136,6 +136,21 @@ def bench(backend: Backend, tokenizer: PromptTokenizer, template: Template, pixe
     }
 
 
+def table(report: dict[str, Any]) -> str:
+    """The report as the `bench` command prints it."""
+    rows = [f"{'layout':<10} {'prompt':>6} {'batch':>5} {'ttft cold':>10} {'cached':>8} {'vision':>8} "
+            f"{'vis kv':>7} {'prefill/s':>10} {'decode/s':>9}"]
+    for p in report["points"]:
+        cached = f"{p['ttft_cached_ms']:8.1f}" if p["ttft_cached_ms"] is not None else f"{'-':>8}"
+        rows.append(f"{p['layout']:<10} {p['prompt_tokens']:6d} {p['batch']:5d} {p['ttft_cold_ms']:10.1f} {cached} "
+                    f"{p['vision_ms']:8.1f} {p['visual_kv_ms']:7.1f} {p['prefill_tokens_per_s']:10.1f} "
+                    f"{p['decode_tokens_per_s']:9.1f}")
+    rows.append(f"visual cache {report['visual_cache_bytes_per_image'] / 2**20:.1f} MiB per image; "
+                f"peak RSS {report['peak_rss_mib']:.0f} MiB; median decode speed-up over LLaVA-1.5 "
+                f"{report['median_decode_speedup']}x")
+    return "\n".join(rows)
+
+
 def plot(report: dict[str, Any], path: str) -> None:
     """Stacked time-to-first-token stages per prompt length (batch 1): SAISA cold, SAISA
     cached, LLaVA-1.5."""

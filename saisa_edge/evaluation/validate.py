@@ -19,7 +19,7 @@ from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.comparator.struct import IterationResult
 from polygraphy.logger import G_LOGGER
 
-from saisa_edge.artifacts import MANIFEST_NAME, read_manifest
+from saisa_edge.artifacts import Artifact, Engines, artifact_details, open_runnable, precision_of
 from saisa_edge.backends import Backend
 from saisa_edge.calibration.data import Pair
 from saisa_edge.errors import SaisaError
@@ -242,24 +242,24 @@ def table(report: Report) -> str:
     return "\n".join(rows)
 
 
-def run_validation(candidate: Path, reference: Path | None = None, vision_tower: Path | None = None,
-                   images: Path | None = None, prompts: Path | None = None, samples: int = 6,
+def run_validation(candidate: Path | Artifact | Engines, reference: Path | None = None,
+                   vision_tower: Path | None = None, images: Path | None = None, prompts: Path | None = None, samples: int = 6,
                    overrides: dict[str, float | None] | None = None, backend: str = "auto",
                    progress: Any = None, kv_storage: str = "native") -> Report:
     """Open CANDIDATE (an artifact or engine folder) and its fp32 reference checkpoint, then `validate`."""
     from saisa_edge.backends import open_model
     from saisa_edge.calibration.data import pairs
-    from saisa_edge.export.artifact import precision_of
     from saisa_edge.inputs.conversation import get_template
 
-    details = read_details(candidate)
+    opened = candidate if isinstance(candidate, (Artifact, Engines)) else open_runnable(candidate)
+    details = artifact_details(opened)
     source = details.get("source", {})
     checkpoint = reference or (Path(source["checkpoint"]) if source.get("checkpoint") else None)
     if checkpoint is None or not (checkpoint / "config.json").is_file():
-        raise SaisaError(f"--reference: give the checkpoint {candidate} was exported from"
+        raise SaisaError(f"--reference: give the checkpoint {opened.path} was exported from"
                          + (f" ({checkpoint} is gone)" if checkpoint else ""))
     tower = vision_tower or (Path(source["vision_tower"]) if reference is None and source.get("vision_tower") else None)
-    model, tokenizer = open_model(candidate, backend)
+    model, tokenizer = open_model(opened, backend)
     ref, _ = open_model(checkpoint, "torch", tower, "fp32")
     cfg = ref.config
     data = pairs(cfg.vision, samples, images, prompts, bundled="validation", pad=cfg.mm.pads_images)
@@ -269,13 +269,3 @@ def run_validation(candidate: Path, reference: Path | None = None, vision_tower:
     template = get_template(details.get("conv_mode") or tokenizer.default_conv_mode())
     return validate(ref, model, tokenizer, template, data, precision, Thresholds(**bounds), progress, kv_storage)
 
-
-def read_details(folder: Path) -> dict[str, Any]:
-    """An artifact's details; for an engine folder, those of the artifact it was built from."""
-    from saisa_edge.plugins.build import ENGINE_KIND
-
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise SaisaError(f"{folder}: no readable {MANIFEST_NAME}; validate takes an artifact or engine folder")
-    details = manifest["details"]
-    return dict(details["artifact"] if manifest.get("kind") == ENGINE_KIND else details)
