@@ -25,7 +25,8 @@ DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 
 MAX_IMAGE_PIXELS = 1 << 26
 """Images over 67 megapixels (8192 x 8192) are refused before decoding: at most 4 bytes a
-pixel, 256 MiB decoded. Below Pillow's own bomb limits, so its warning never fires first."""
+pixel, 256 MiB decoded. Pillow's own checks at open (a warning over 89 megapixels, an error
+over 179) are above it and give the same one-line refusal."""
 EXACT_SIDE = 4096
 """Padding a W x H image to a square costs max(W, H)**2 pixels. Up to this side (48 MiB of
 canvas; 12-megapixel phone photos are 4032 x 3024) it is done exactly as LLaVA does; a longer
