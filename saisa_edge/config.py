@@ -177,9 +177,9 @@ def _rope_fields(raw: Any, where: str, name: str) -> dict[str, Any] | None:
     raw = strict.mapping(raw, what)
     kind = raw.get("rope_type", raw.get("type"))
     if kind is not None:
-        strict.string(kind, f"{what} type")
+        strict.string(kind, f"{what} type", max_len=64)
     checked = dict(raw)
-    if kind not in (None, "default") and "factor" not in raw:
+    if kind in ("linear", "llama3") and "factor" not in raw:
         raise SaisaError(f"{what}: rope type {kind!r} needs a 'factor'")
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         if key in raw:

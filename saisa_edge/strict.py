@@ -18,7 +18,7 @@ from saisa_edge.errors import SaisaError
 MAX_JSON_BYTES = 16 << 20
 """Config, preprocessor, index and manifest files are kilobytes; 16 MiB is far above any real one."""
 MAX_INT = 1 << 53
-"""No integer the project reads from JSON is near 2**53 (the largest exactly representable in a float)."""
+"""Integers read as numbers must be exact in a float (and convertible at all: 10**400 is not)."""
 REQUIRED: Any = object()
 """Default marking a field that must be present."""
 
@@ -60,6 +60,9 @@ def one_line(text: str, limit: int = 80) -> str:
 
 
 def show(value: Any) -> str:
+    """`value` for an error message: short, one line, whatever it is."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
     return one_line(repr(value), 60)
 
 
@@ -72,7 +75,8 @@ def integer(value: Any, what: str, lo: int, hi: int) -> int:
 
 def number(value: Any, what: str, lo: float, hi: float = math.inf, *, open_lo: bool = False) -> float:
     """`value` as a finite float in [lo, hi] (or (lo, hi] with `open_lo`); ints are numbers too."""
-    ok = type(value) in (int, float) and math.isfinite(value) and value <= hi
+    ok = (type(value) is int and abs(value) <= MAX_INT) or (type(value) is float and math.isfinite(value))
+    ok = ok and value <= hi
     ok = ok and (value > lo if open_lo else value >= lo)
     if not ok:
         bound = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "")
@@ -86,10 +90,9 @@ def boolean(value: Any, what: str) -> bool:
     return value
 
 
-def string(value: Any, what: str, choices: tuple[str, ...] = ()) -> str:
-    if type(value) is not str or not value or (choices and value not in choices):
-        want = f"one of {', '.join(choices)}" if choices else "a non-empty string"
-        raise SaisaError(f"{what} must be {want}, got {show(value)}")
+def string(value: Any, what: str, max_len: int = 4096) -> str:
+    if type(value) is not str or not 0 < len(value) <= max_len:
+        raise SaisaError(f"{what} must be a non-empty string of at most {max_len} characters, got {show(value)}")
     return value
 
 
@@ -130,13 +133,9 @@ class Fields:
         value = self._take(name, default)
         return default if value is None else boolean(value, self.what(name))
 
-    def string(self, name: str, default: Any, choices: tuple[str, ...] = ()) -> Any:
+    def string(self, name: str, default: Any) -> Any:
         value = self._take(name, default)
-        return default if value is None else string(value, self.what(name), choices)
-
-    def mapping(self, name: str) -> dict[str, Any] | None:
-        value = self._take(name, None)
-        return None if value is None else mapping(value, self.what(name))
+        return default if value is None else string(value, self.what(name))
 
     def raw_value(self, name: str) -> Any:
         return self._take(name, None)

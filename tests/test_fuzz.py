@@ -41,7 +41,7 @@ IMAGE_RSS_MB = (MAX_IMAGE_PIXELS * 4 >> 20) + 256
 """An image case may decode up to MAX_IMAGE_PIXELS at 4 bytes each, plus the padded canvas and slack."""
 
 _NASTY: list[Any] = [
-    None, True, False, 0, -1, 1, 2, 3, 7, 64, 2**31, 2**63, 10**30, -(10**30), 0.5, 64.0, 64.5, -2.5, 1e-300,
+    None, True, False, 0, -1, 1, 2, 3, 7, 64, 2**31, 2**63, 10**30, 10**400, -(10**30), 0.5, 64.0, 64.5, -2.5, 1e-300,
     1e300, math.nan, math.inf, -math.inf, "", "x", "64", "false", "linear", [], [1], [0.5, 0.5], [1, 2, 3],
     ["a", "b", "c"], {}, {"factor": 2.0}, {"type": "linear"}, {"rope_type": "llama3", "factor": -1},
     {"shortest_edge": 0}, {"height": 56, "width": 57}, [[[[[]]]]],
@@ -56,7 +56,7 @@ def _mutate(rng: random.Random, obj: dict[str, Any], extra_keys: list[str]) -> d
         roll = rng.random()
         if roll < 0.15 and key in obj:
             del obj[key]
-        elif roll < 0.3 and isinstance(obj.get(key), (int, float)) and not isinstance(obj[key], bool):
+        elif roll < 0.3 and type(obj.get(key)) in (int, float) and abs(obj[key]) < 1e15:
             obj[key] = rng.choice([obj[key] * 2, obj[key] - 1, -obj[key], obj[key] + 0.5, obj[key] * 10**6])
         else:
             obj[key] = rng.choice(_NASTY)

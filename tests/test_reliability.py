@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +38,7 @@ _CONFIG_CASES = [
     ({"attention_bias": 1}, "'attention_bias' must be true or false"),
     ({"rms_norm_eps": float("nan")}, "'rms_norm_eps' must be a finite number > 0"),
     ({"rms_norm_eps": 0}, "'rms_norm_eps' must be a finite number > 0"),
+    ({"rms_norm_eps": 10**400}, "'rms_norm_eps' must be a finite number > 0"),
     ({"rope_theta": 0}, "'rope_theta' must be a finite number > 0"),
     ({"rope_theta": -10000.0}, "'rope_theta' must be a finite number > 0"),
     ({"rope_theta": float("inf")}, "'rope_theta' must be a finite number > 0"),
@@ -275,6 +277,20 @@ def test_shape_is_checked_from_the_header_before_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(tensors, "check_weight", lambda *a: pytest.fail("tensor data was read"))
     with pytest.raises(SaisaError, match=r"has shape \(64,\), but config.json implies \(65,\)"):
         source.tensor("model.norm.weight", (65,))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [struct.pack("<Q", 1 << 40), struct.pack("<Q", 60) + b"[" * 60,
+     struct.pack("<Q", 80) + b'{"t": {"dtype": "F32", "shape": [1099511627776], "data_offsets": [0, 4]}}  ']
+)
+def test_safetensors_header_is_bounded_by_the_file(tmp_path, tiny_dir, header):
+    """A header claiming a terabyte, nesting deeply, or a tensor larger than its bytes: one line."""
+    ck = _user_copy(tiny_dir, tmp_path / "c")
+    (ck / "model.safetensors").write_bytes(header)
+    with pytest.raises(SaisaError, match="model.safetensors: truncated or corrupt weight file") as e:
+        open_checkpoint(ck)
+    _one_line(e)
 
 
 @pytest.mark.parametrize("shard", ["../model.safetensors", "/etc/passwd.safetensors", "model.py", 5])

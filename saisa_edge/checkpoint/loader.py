@@ -20,11 +20,11 @@ from saisa_edge.artifacts import MANIFEST_NAME, sha256_file
 from saisa_edge.checkpoint.tensors import TensorFiles
 from saisa_edge.config import SaisaConfig, VisionConfig, parse_config, parse_vision_config
 from saisa_edge.errors import SaisaError
-from saisa_edge.strict import read_json
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.model.clip import ClipVisionTower
 from saisa_edge.model.llama import SaisaLM
 from saisa_edge.progress import track
+from saisa_edge.strict import read_json
 
 # Tensors real LLaVA/SAISA checkpoints carry that inference never reads: the global
 # projector (overwritten at every layer), a copy of the vision tower, RoPE buffers.
@@ -89,8 +89,9 @@ def verify_manifest(folder: Path) -> str | None:
         raise SaisaError(f"{path}: not a checkpoint manifest (no 'files' table); {undo}")
     root = folder.resolve()
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST_NAME}
-    for name in sorted(on_disk - set(files)):
-        raise SaisaError(f"{folder / name}: not listed in {MANIFEST_NAME}; remove the file, or delete the "
+    unlisted = sorted(on_disk - set(files))
+    if unlisted:
+        raise SaisaError(f"{folder / unlisted[0]}: not listed in {MANIFEST_NAME}; remove the file, or delete the "
                          "manifest to run the folder as your own checkpoint")
     for name, entry in sorted(files.items()):
         file = folder / name
@@ -169,8 +170,7 @@ def open_checkpoint(path: Path, vision_tower: Path | None = None) -> CheckpointS
             f"{path}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not part of the model config.json "
             "describes; the weights and config.json do not belong together"
         )
-    tower_files = TensorFiles.open(tower_path)
-    return CheckpointSource(path, cfg, tower_path, files, tower_files, verify_manifest(path))
+    return CheckpointSource(path, cfg, tower_path, files, TensorFiles.open(tower_path), verify_manifest(path))
 
 
 def load_weights(module: nn.Module, source: CheckpointSource, dtype: torch.dtype) -> None:
