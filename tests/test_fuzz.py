@@ -163,20 +163,20 @@ def _run_script(script: str, timeout: float) -> list[dict[str, Any]]:
 
 
 _CASE_LOOP = """
-import json, resource, sys, time
+import json, sys, time
 from saisa_edge.errors import SaisaError
-def rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from tests.memory import peak_growth_mb
 def case(name, fn):
-    before, t0 = rss_mb(), time.perf_counter()
-    try:
-        fn()
-        out = {"ok": True}
-    except SaisaError as e:
-        out = {"ok": False, "error": str(e)}
-    except BaseException as e:
-        out = {"ok": False, "crash": type(e).__name__ + ": " + str(e)[:300]}
-    out.update(name=name, seconds=time.perf_counter() - t0, grew_mb=rss_mb() - before)
+    out = {"ok": True}
+    def run():
+        try:
+            fn()
+        except SaisaError as e:
+            out.update(ok=False, error=str(e))
+        except BaseException as e:
+            out.update(ok=False, crash=type(e).__name__ + ": " + str(e)[:300])
+    t0 = time.perf_counter()
+    out.update(grew_mb=peak_growth_mb(run), name=name, seconds=time.perf_counter() - t0)
     print(json.dumps(out), flush=True)
 """
 

@@ -105,15 +105,17 @@ def test_deep_modes_round_trip_through_tiff(tmp_path, mode):
 
 
 def _peak_rss_mb(code: str) -> dict:
-    """Run `code` in a fresh interpreter; report its peak RSS growth over the imports in MiB."""
+    """Run `code` in a fresh interpreter; report its peak RSS over its RSS before, in MiB (the
+    kernel's high-water mark is reset first, so the imports' own peak hides nothing)."""
     script = (
-        "import json, resource, sys\n"
+        "import json\n"
         "from saisa_edge.inputs.image import load_image, preprocess\n"
         "from saisa_edge.config import VisionConfig\n"
         "from pathlib import Path\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "out = {}\n" + code + "\n"
-        "out['grew_mb'] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024\n"
+        "from tests.memory import peak_growth_mb\n"
+        "out = {}\n"
+        "def work():\n" + "".join(f"    {line}\n" for line in code.splitlines()) +
+        "out['grew_mb'] = peak_growth_mb(work)\n"
         "print(json.dumps(out))\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

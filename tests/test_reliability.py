@@ -218,6 +218,20 @@ def test_non_finite_or_non_float_weights_are_refused(tmp_path, value, message, f
     _one_line(e)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", [1, 17, 100_003])
+def test_weight_check_finds_one_bad_value_anywhere(dtype, size):
+    from saisa_edge.checkpoint.tensors import check_weight
+
+    check_weight(torch.zeros(size, dtype=dtype), "t", Path("f"))
+    for at in {0, size // 2, size - 1}:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = torch.randn(size).to(dtype)
+            t[at] = bad
+            with pytest.raises(SaisaError, match="f: tensor 't' holds 1 NaN or infinite value"):
+                check_weight(t, "t", Path("f"))
+
+
 def test_export_refuses_non_finite_weights(tmp_path):
     spec = tiny()
     spec.vision_tensors["vision_model.pre_layrnorm.weight"] = torch.full_like(
