@@ -7,15 +7,15 @@ message naming the field, so a checkpoint is never run with silently wrong maths
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from saisa_edge import strict
 from saisa_edge.errors import SaisaError
+from saisa_edge.strict import read_json  # noqa: F401  (its former home; loaders import it from here)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """The dtype names every command accepts."""
@@ -134,19 +134,6 @@ class SaisaConfig:
         return self.vision.num_patches + (1 if self.mm.select_feature == "cls_patch" else 0)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or a one-line error naming it."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SaisaError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SaisaError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise SaisaError(f"{path}: expected a JSON object")
-    return data
-
-
 def _rope_scaling(raw: dict[str, Any] | None, where: str) -> RopeScaling | None:
     """`rope_scaling` (or transformers 5's `rope_parameters`): every field the type needs, nothing else."""
     if not raw:
@@ -179,109 +166,148 @@ def _rope_scaling(raw: dict[str, Any] | None, where: str) -> RopeScaling | None:
     return RopeScaling("llama3", factor, low, high, int(original))
 
 
+_LAYERS = 1024
+_HEADS = 1024
+_WIDTH = 1 << 18
+_VOCAB = 1 << 22
+_POSITIONS = 1 << 24
+_IMAGE_SIDE = 4096
+_PATCHES_PER_SIDE = 128
+"""Bounds on sizes read from configs, checked before anything is allocated from them: each is
+several times the largest released model of its kind (LLaMA-3.1-405B: 126 layers, width 16384,
+128 heads, 128k positions; vocabularies up to 256k; CLIP towers up to 48 layers, 1024 px,
+37 patches a side)."""
+
+
+def _rope_fields(raw: Any, where: str, name: str) -> dict[str, Any] | None:
+    """`rope_scaling` (or `rope_parameters`) type-checked, so `_rope_scaling` reads clean values."""
+    if raw is None:
+        return None
+    what = f"{where}: field {name!r}"
+    raw = strict.mapping(raw, what)
+    kind = raw.get("rope_type", raw.get("type"))
+    if kind is not None:
+        strict.string(kind, f"{what} type", max_len=64)
+    checked = dict(raw)
+    if kind in ("linear", "llama3") and "factor" not in raw:
+        raise SaisaError(f"{what}: rope type {kind!r} needs a 'factor'")
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if key in raw:
+            checked[key] = strict.number(raw[key], f"{what} {key}", 0, 1e6, open_lo=True)
+    if "original_max_position_embeddings" in raw:
+        strict.integer(raw["original_max_position_embeddings"], f"{what} original_max_position_embeddings",
+                       1, _POSITIONS)
+    if checked.get("high_freq_factor", 4.0) <= checked.get("low_freq_factor", 1.0) and kind == "llama3":
+        raise SaisaError(f"{what}: high_freq_factor must be greater than low_freq_factor")
+    if "rope_theta" in raw:
+        strict.number(raw["rope_theta"], f"{what} rope_theta", 0, 1e12, open_lo=True)
+    return checked
+
+
+def _eos_ids(value: Any, where: str) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    return tuple(strict.integer(v, f"{where}: field 'eos_token_id'", 0, _VOCAB - 1) for v in values)
+
+
 def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
     """Validate a checkpoint's `config.json` (already loaded) into a `SaisaConfig`.
 
     `where` names the file in error messages.
     """
-    raw = dict(raw)
     if raw.get("model_type") != "llava_llama":
         raise SaisaError(
-            f"{where}: model_type is {raw.get('model_type')!r}, expected 'llava_llama' "
+            f"{where}: model_type is {strict.show(raw.get('model_type'))}, expected 'llava_llama' "
             "(a SAISA checkpoint in the LLaVA layout)"
         )
-
-    def take(name: str, default: Any = ..., kind: type = int) -> Any:
-        if name not in raw:
-            if default is ...:
-                raise SaisaError(f"{where}: required field {name!r} is missing")
-            return default
-        value = raw.pop(name)
-        try:
-            return kind(value) if value is not None else default
-        except (TypeError, ValueError):
-            raise SaisaError(f"{where}: field {name!r} has invalid value {value!r}") from None
-
-    hidden = take("hidden_size")
-    heads = take("num_attention_heads")
-    hidden_act = take("hidden_act", "silu", str)
+    f = strict.Fields(raw, where)
+    req = strict.REQUIRED
+    hidden = f.integer("hidden_size", req, 1, _WIDTH)
+    heads = f.integer("num_attention_heads", req, 1, _HEADS)
+    kv_heads = f.integer("num_key_value_heads", heads, 1, heads)
+    if heads % kv_heads:
+        raise SaisaError(
+            f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
+    head_dim = f.integer("head_dim", None, 2, 4096)
+    if head_dim is None and hidden % heads:
+        raise SaisaError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    if (head_dim or hidden // heads) % 2:
+        raise SaisaError(f"{where}: the head dimension {head_dim or hidden // heads} is odd; RoPE needs it even")
+    hidden_act = f.string("hidden_act", "silu")
     if hidden_act != "silu":
         raise SaisaError(f"{where}: hidden_act {hidden_act!r} is not supported (LLaMA uses 'silu')")
 
-    rope_params = raw.pop("rope_parameters", None) or {}
-    rope_theta = take("rope_theta", float(rope_params.get("rope_theta", 10000.0)), float)
-    rope_scaling = _rope_scaling(raw.pop("rope_scaling", None) or rope_params, where)
-    eos = raw.pop("eos_token_id", 2)
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
+    rope_params = _rope_fields(f.raw_value("rope_parameters"), where, "rope_parameters") or {}
+    rope_theta = f.number("rope_theta", float(rope_params.get("rope_theta", 10000.0)), 0, 1e12, open_lo=True)
+    rope_scaling = _rope_scaling(_rope_fields(f.raw_value("rope_scaling"), where, "rope_scaling") or rope_params,
+                                 where)
+    eos_ids = _eos_ids(f.raw.pop("eos_token_id", 2), where)
 
     text = TextConfig(
-        vocab_size=take("vocab_size"),
+        vocab_size=f.integer("vocab_size", req, 1, _VOCAB),
         hidden_size=hidden,
-        intermediate_size=take("intermediate_size"),
-        num_hidden_layers=take("num_hidden_layers"),
+        intermediate_size=f.integer("intermediate_size", req, 1, _WIDTH),
+        num_hidden_layers=f.integer("num_hidden_layers", req, 1, _LAYERS),
         num_attention_heads=heads,
-        num_key_value_heads=take("num_key_value_heads", heads),
-        max_position_embeddings=take("max_position_embeddings", 4096),
-        rms_norm_eps=take("rms_norm_eps", 1e-6, float),
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=f.integer("max_position_embeddings", 4096, 1, _POSITIONS),
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6, 0, 1, open_lo=True),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        tie_word_embeddings=take("tie_word_embeddings", False, bool),
-        attention_bias=take("attention_bias", False, bool),
-        mlp_bias=take("mlp_bias", False, bool),
-        head_dim_override=take("head_dim", None),
+        tie_word_embeddings=f.boolean("tie_word_embeddings", False),
+        attention_bias=f.boolean("attention_bias", False),
+        mlp_bias=f.boolean("mlp_bias", False),
+        head_dim_override=head_dim,
         eos_token_ids=eos_ids,
     )
-    if text.num_attention_heads % text.num_key_value_heads:
-        raise SaisaError(
-            f"{where}: num_attention_heads={heads} is not a multiple of "
-            f"num_key_value_heads={text.num_key_value_heads}"
-        )
 
-    if "mm_vision_tower" not in raw and "vision_tower" not in raw:
+    if f.raw.get("mm_vision_tower") is None and f.raw.get("vision_tower") is None:
         raise SaisaError(f"{where}: no mm_vision_tower: this is not a multimodal LLaVA/SAISA config")
-    tower = take("mm_vision_tower", None, str) or take("vision_tower", None, str)
-    raw.pop("vision_tower", None)
+    tower = f.string("mm_vision_tower", None) or f.string("vision_tower", None)
+    f.raw.pop("vision_tower", None)
 
-    projector = take("mm_projector_type", "linear", str)
+    projector = f.string("mm_projector_type", "linear")
     match = _PROJECTOR_RE.match(projector)
     if projector == "linear":
         depth = 0
-    elif match and int(match.group(1)) >= 1:
+    elif match and 1 <= int(match.group(1)) <= 16:
         depth = int(match.group(1))
     else:
         raise SaisaError(
-            f"{where}: mm_projector_type {projector!r} is not supported "
-            "(supported: linear, mlp<N>x_gelu such as mlp2x_gelu)"
+            f"{where}: mm_projector_type {strict.show(projector)} is not supported "
+            "(supported: linear, mlp<N>x_gelu such as mlp2x_gelu, N <= 16)"
         )
-    merge = take("mm_patch_merge_type", "flat", str)
+    merge = f.string("mm_patch_merge_type", "flat")
     if merge != "flat":
         raise SaisaError(
-            f"{where}: mm_patch_merge_type {merge!r} (LLaVA-NeXT anyres) is not supported yet; "
+            f"{where}: mm_patch_merge_type {strict.show(merge)} (LLaVA-NeXT anyres) is not supported yet; "
             "only LLaVA-1.5 'flat' checkpoints can be run"
         )
-    aspect = take("image_aspect_ratio", "pad", str)
+    aspect = f.string("image_aspect_ratio", "pad")
     if aspect not in ("pad", "square"):
         raise SaisaError(
-            f"{where}: image_aspect_ratio {aspect!r} is not supported yet (supported: pad, square)"
+            f"{where}: image_aspect_ratio {strict.show(aspect)} is not supported yet (supported: pad, square)"
         )
-    feature = take("mm_vision_select_feature", "patch", str)
+    feature = f.string("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
-        raise SaisaError(f"{where}: mm_vision_select_feature {feature!r} is not supported (patch, cls_patch)")
-    if take("mm_use_im_start_end", False, bool):
+        raise SaisaError(
+            f"{where}: mm_vision_select_feature {strict.show(feature)} is not supported (patch, cls_patch)"
+        )
+    if f.boolean("mm_use_im_start_end", False):
         raise SaisaError(f"{where}: mm_use_im_start_end=true is not supported (LLaVA-1.5 uses false)")
 
     mm = MultimodalConfig(
         vision_tower=tower,
-        mm_hidden_size=take("mm_hidden_size"),
-        select_layer=take("mm_vision_select_layer", -2),
+        mm_hidden_size=f.integer("mm_hidden_size", req, 1, _WIDTH),
+        select_layer=f.integer("mm_vision_select_layer", -2, -_LAYERS - 1, _LAYERS),
         select_feature=feature,
         projector_depth=depth,
         image_aspect_ratio=aspect,
     )
-    unknown = sorted(set(raw) - _IGNORED_FIELDS)
+    unknown = sorted(f.rest() - _IGNORED_FIELDS)
     if unknown:
         raise SaisaError(
-            f"{where}: unknown config field(s) {', '.join(unknown)}: this toolkit cannot tell "
+            f"{where}: unknown config field(s) {strict.show(', '.join(unknown))}: this toolkit cannot tell "
             "whether they change the model; remove them if they are bookkeeping"
         )
     return SaisaConfig(text=text, mm=mm)
@@ -295,32 +321,73 @@ _HF_CLIP_DEFAULTS = VisionConfig(
 )
 
 
-def parse_vision_config(raw: dict[str, Any], preprocessor: dict[str, Any] | None, where: str) -> VisionConfig:
-    """A CLIP vision config (`CLIPVisionConfig`, or `CLIPConfig` with `vision_config`)."""
-    vc = raw.get("vision_config", raw)
+def _pixels(value: Any, what: str, key: str) -> int:
+    """A preprocessor size: an int, or a dict holding `key` (CLIPImageProcessor's two spellings)."""
+    if isinstance(value, dict):
+        if key not in value:
+            raise SaisaError(f"{what} has no {key!r}: expected {{{key!r}: N}} or an integer")
+        if key == "height" and value.get("width", value["height"]) != value["height"]:
+            raise SaisaError(f"{what} is not square ({strict.show(value)}); CLIP crops squares")
+        value = value[key]
+    return strict.integer(value, what, 1, _IMAGE_SIDE)
+
+
+def _channels(value: Any, what: str, hi: float, positive: bool) -> tuple[float, float, float]:
+    """Per-channel mean (in [0, 1]) or std (> 0) of a preprocessor."""
+    if not isinstance(value, list) or len(value) != 3:
+        raise SaisaError(f"{what} must be a list of 3 numbers (R, G, B), got {strict.show(value)}")
+    r, g, b = (strict.number(v, what, 0, hi, open_lo=positive) for v in value)
+    return r, g, b
+
+
+def parse_vision_config(raw: dict[str, Any], preprocessor: dict[str, Any] | None, where: str,
+                        preprocessor_where: str = "preprocessor_config.json") -> VisionConfig:
+    """A CLIP vision config (`CLIPVisionConfig`, or `CLIPConfig` with `vision_config`) and its
+    image preprocessing, type- and range-checked."""
+    vc = strict.mapping(raw.get("vision_config", raw), f"{where}: field 'vision_config'")
     model_type = vc.get("model_type", raw.get("model_type"))
     if model_type not in ("clip_vision_model", "clip"):
-        raise SaisaError(f"{where}: model_type {model_type!r} is not a CLIP vision tower")
-    defaults = _HF_CLIP_DEFAULTS
-    act = vc.get("hidden_act", defaults.hidden_act)
+        raise SaisaError(f"{where}: model_type {strict.show(model_type)} is not a CLIP vision tower")
+    d = _HF_CLIP_DEFAULTS
+    f = strict.Fields(vc, where)
+    act = f.string("hidden_act", d.hidden_act)
     if act not in ("quick_gelu", "gelu"):
-        raise SaisaError(f"{where}: hidden_act {act!r} is not supported (quick_gelu, gelu)")
-    pre = preprocessor or {}
-    image_size = int(vc.get("image_size", defaults.image_size))
-    crop = pre.get("crop_size", image_size)
-    size = pre.get("size", image_size)
+        raise SaisaError(f"{where}: hidden_act {strict.show(act)} is not supported (quick_gelu, gelu)")
+    hidden = f.integer("hidden_size", d.hidden_size, 1, _WIDTH)
+    heads = f.integer("num_attention_heads", d.num_attention_heads, 1, _HEADS)
+    if hidden % heads:
+        raise SaisaError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    image_size = f.integer("image_size", d.image_size, 1, _IMAGE_SIDE)
+    patch = f.integer("patch_size", d.patch_size, 1, image_size)
+    if image_size % patch or image_size // patch > _PATCHES_PER_SIDE:
+        raise SaisaError(f"{where}: image_size={image_size} must be a multiple of patch_size={patch} "
+                         f"with at most {_PATCHES_PER_SIDE} patches a side")
+    if f.integer("num_channels", 3, 1, 3) != 3:
+        raise SaisaError(f"{where}: num_channels must be 3 (images are preprocessed to RGB)")
+    pre_where = f"{preprocessor_where}: field"
+    pre = strict.Fields(preprocessor or {}, preprocessor_where)
+    crop_raw, size_raw = pre.raw_value("crop_size"), pre.raw_value("size")
+    crop = _pixels(image_size if crop_raw is None else crop_raw, f"{pre_where} 'crop_size'", "height")
+    if crop != image_size:
+        raise SaisaError(f"{pre_where} 'crop_size' is {crop} but the tower's image_size is {image_size} "
+                         f"({where}); they must match")
+    shortest = _pixels(image_size if size_raw is None else size_raw, f"{pre_where} 'size'", "shortest_edge")
+    if shortest < crop:
+        raise SaisaError(f"{pre_where} 'size' ({shortest}) is smaller than crop_size ({crop})")
+    mean = pre.raw_value("image_mean")
+    std = pre.raw_value("image_std")
     return VisionConfig(
-        hidden_size=int(vc.get("hidden_size", defaults.hidden_size)),
-        intermediate_size=int(vc.get("intermediate_size", defaults.intermediate_size)),
-        num_hidden_layers=int(vc.get("num_hidden_layers", defaults.num_hidden_layers)),
-        num_attention_heads=int(vc.get("num_attention_heads", defaults.num_attention_heads)),
+        hidden_size=hidden,
+        intermediate_size=f.integer("intermediate_size", d.intermediate_size, 1, _WIDTH),
+        num_hidden_layers=f.integer("num_hidden_layers", d.num_hidden_layers, 1, _LAYERS),
+        num_attention_heads=heads,
         image_size=image_size,
-        patch_size=int(vc.get("patch_size", defaults.patch_size)),
-        num_channels=int(vc.get("num_channels", defaults.num_channels)),
-        layer_norm_eps=float(vc.get("layer_norm_eps", defaults.layer_norm_eps)),
+        patch_size=patch,
+        num_channels=3,
+        layer_norm_eps=f.number("layer_norm_eps", d.layer_norm_eps, 0, 1, open_lo=True),
         hidden_act=act,
-        image_mean=tuple(pre.get("image_mean", defaults.image_mean)),
-        image_std=tuple(pre.get("image_std", defaults.image_std)),
-        crop_size=int(crop["height"] if isinstance(crop, dict) else crop),
-        resize_shortest_edge=int(size["shortest_edge"] if isinstance(size, dict) else size),
+        image_mean=d.image_mean if mean is None else _channels(mean, f"{pre_where} 'image_mean'", 1, False),
+        image_std=d.image_std if std is None else _channels(std, f"{pre_where} 'image_std'", 1e3, True),
+        crop_size=crop,
+        resize_shortest_edge=shortest,
     )

@@ -51,6 +51,7 @@ def test_run_streams_text_and_samples_reproducibly(tiny_dir):
 def _broken(tmp_path, tiny_dir, how: str):
     ck = tmp_path / "c"
     shutil.copytree(tiny_dir, ck)
+    (ck / "saisa-edge-manifest.json").unlink()  # edited by hand: no longer make-checkpoint's folder
     cfg = json.loads((ck / "config.json").read_text())
     if how == "no-weights":
         (ck / "model.safetensors").unlink()

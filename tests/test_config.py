@@ -43,7 +43,7 @@ def test_llama3_fields(raw):
         ({"mm_use_im_start_end": True}, "mm_use_im_start_end"),
         ({"mm_vision_select_feature": "cls"}, "mm_vision_select_feature 'cls'"),
         ({"my_new_field": 1}, "unknown config field.*my_new_field"),
-        ({"hidden_size": "wide"}, "'hidden_size' has invalid value"),
+        ({"hidden_size": "wide"}, "field 'hidden_size' must be an integer in \\[1, 262144\\], got 'wide'"),
     ],
 )
 def test_refused(raw, change, message):

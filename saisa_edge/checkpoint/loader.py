@@ -7,6 +7,8 @@ a checkpoint that does not match its own config.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,17 +16,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from saisa_edge.artifacts import MANIFEST_NAME, sha256_file
 from saisa_edge.checkpoint.tensors import TensorFiles
-from saisa_edge.config import SaisaConfig, VisionConfig, parse_config, parse_vision_config, read_json
+from saisa_edge.config import SaisaConfig, VisionConfig, parse_config, parse_vision_config
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.model.clip import ClipVisionTower
 from saisa_edge.model.llama import SaisaLM
 from saisa_edge.progress import track
+from saisa_edge.strict import read_json
 
 # Tensors real LLaVA/SAISA checkpoints carry that inference never reads: the global
 # projector (overwritten at every layer), a copy of the vision tower, RoPE buffers.
 _UNUSED = re.compile(r"^model\.(mm_projector|vision_tower|vision_resampler)\.|\.rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Checkpoint:
     vision: ClipVisionTower
     tokenizer: PromptTokenizer
     vision_tower_path: Path
+    content_digest: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,7 +69,42 @@ def resolve_vision_tower(checkpoint: Path, mm_vision_tower: str, override: Path 
 def load_vision_config(folder: Path) -> VisionConfig:
     pre = folder / "preprocessor_config.json"
     where = str(folder / "config.json")
-    return parse_vision_config(read_json(folder / "config.json"), read_json(pre) if pre.exists() else None, where)
+    return parse_vision_config(read_json(folder / "config.json"), read_json(pre) if pre.exists() else None, where,
+                               str(pre))
+
+
+def verify_manifest(folder: Path) -> str | None:
+    """Check every file of a `make-checkpoint` folder against its manifest (sizes, then sha256,
+    each file hashed once) and return a digest of the checked contents: the checkpoint's
+    identity. None when the folder has no manifest: a checkpoint the user brought.
+
+    Every file in the folder must be listed, so nothing unchecked can be read."""
+    path = folder / MANIFEST_NAME
+    if not path.exists():
+        return None
+    manifest = read_json(path)
+    files = manifest.get("files")
+    undo = f"restore it, or delete {MANIFEST_NAME} to run the folder as your own checkpoint"
+    if manifest.get("kind") != "checkpoint" or not isinstance(files, dict):
+        raise SaisaError(f"{path}: not a checkpoint manifest (no 'files' table); {undo}")
+    root = folder.resolve()
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    unlisted = sorted(on_disk - set(files))
+    if unlisted:
+        raise SaisaError(f"{folder / unlisted[0]}: not listed in {MANIFEST_NAME}; remove the file, or delete the "
+                         "manifest to run the folder as your own checkpoint")
+    for name, entry in sorted(files.items()):
+        file = folder / name
+        ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])
+        if not ok or type(entry.get("bytes")) is not int or not file.resolve().is_relative_to(root):
+            raise SaisaError(f"{path}: entry {name[:80]!r} is malformed or points outside the folder; {undo}")
+        if not file.is_file():
+            raise SaisaError(f"{file}: listed in {MANIFEST_NAME} but missing; {undo}")
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            raise SaisaError(f"{file}: does not match its checksum in {MANIFEST_NAME} (changed since "
+                             f"make-checkpoint wrote it); {undo}")
+    table = json.dumps({n: files[n]["sha256"] for n in sorted(files)}).encode()
+    return hashlib.sha256(table).hexdigest()
 
 
 @dataclass
@@ -78,6 +120,7 @@ class CheckpointSource:
     vision_tower_path: Path
     lm_files: TensorFiles
     tower_files: TensorFiles
+    content_digest: str | None = None
 
     @property
     def tied(self) -> bool:
@@ -90,13 +133,12 @@ class CheckpointSource:
             name = "model.embed_tokens.weight"
         if name not in files.names():
             raise SaisaError(f"{files.folder}: tensor {name!r} is missing; the checkpoint is incomplete")
-        tensor = files.get(name)
-        if tuple(tensor.shape) != tuple(shape):
+        stored = files.shape(name)
+        if stored != tuple(shape):
             raise SaisaError(
-                f"{files.file_of(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"but config.json implies {tuple(shape)}"
+                f"{files.file_of(name)}: tensor {name!r} has shape {stored}, but config.json implies {tuple(shape)}"
             )
-        return tensor
+        return files.get(name)
 
 
 def open_checkpoint(path: Path, vision_tower: Path | None = None) -> CheckpointSource:
@@ -114,7 +156,12 @@ def open_checkpoint(path: Path, vision_tower: Path | None = None) -> CheckpointS
             "pass the vision tower this checkpoint was trained with"
         )
     cfg = SaisaConfig(text=cfg.text, mm=cfg.mm, vision=vision_cfg)
+    cfg.vision_layers_used()
     files = TensorFiles.open(path)
+    layers = 1 + max((int(m[1]) for n in files.names() if (m := _LAYER.match(n))), default=-1)
+    if layers != cfg.text.num_hidden_layers:
+        raise SaisaError(f"{path / 'config.json'}: num_hidden_layers is {cfg.text.num_hidden_layers}, but the "
+                         f"weights hold {layers} decoder layers; the weights and config.json do not belong together")
     with torch.device("meta"):
         expected = set(SaisaLM(cfg).state_dict()) | {"lm_head.weight"}
     extra = sorted(n for n in files.names() - expected if not _UNUSED.search(n))
@@ -123,7 +170,7 @@ def open_checkpoint(path: Path, vision_tower: Path | None = None) -> CheckpointS
             f"{path}: tensor {extra[0]!r} (and {len(extra) - 1} more) is not part of the model config.json "
             "describes; the weights and config.json do not belong together"
         )
-    return CheckpointSource(path, cfg, tower_path, files, TensorFiles.open(tower_path))
+    return CheckpointSource(path, cfg, tower_path, files, TensorFiles.open(tower_path), verify_manifest(path))
 
 
 def load_weights(module: nn.Module, source: CheckpointSource, dtype: torch.dtype) -> None:
@@ -147,4 +194,5 @@ def load_checkpoint(path: Path, vision_tower: Path | None = None, dtype: torch.d
     lm.eval()
     tower.eval()
     tokenizer = PromptTokenizer.load(source.path)
-    return Checkpoint(source.path, source.config, lm, tower, tokenizer, source.vision_tower_path)
+    return Checkpoint(source.path, source.config, lm, tower, tokenizer, source.vision_tower_path,
+                      source.content_digest)
