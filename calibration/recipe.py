@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from onnx import TensorProto
-
 from saisa_edge.calibration.stats import METHODS
 from saisa_edge.errors import SaisaError
 from saisa_edge.targets import Target, check_precision, target
@@ -39,6 +37,8 @@ class Recipe:
 
     @property
     def elem_type(self) -> int:
+        from onnx import TensorProto  # here, not at the top: the CLI reads this module's defaults at start-up
+
         return TensorProto.INT8 if self.precision == "int8" else TensorProto.FLOAT8E4M3FN
 
     @property

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,20 +16,20 @@ from typing import Any
 import onnx
 import torch
 
-from saisa_edge.artifacts import (
-    MANIFEST_NAME, MANIFEST_VERSION, atomic_folder, read_manifest, sha256_file, write_manifest,
-)
+from saisa_edge.artifacts import atomic_folder, read_manifest, write_manifest
+from saisa_edge.backends.artifact import KIND, Artifact, config_from_json, precision_of, read_artifact
 from saisa_edge.checkpoint.loader import CheckpointSource
-from saisa_edge.config import DTYPES, MultimodalConfig, RopeScaling, SaisaConfig, TextConfig, VisionConfig
+from saisa_edge.config import DTYPE_NAMES, SaisaConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
 from saisa_edge.export.graph import EMBED_LIMIT, Graph
 from saisa_edge.export.graphs import build_decoder, build_vision, build_visual_kv
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
+from saisa_edge.model.dtypes import TORCH_DTYPES
 from saisa_edge.progress import say
 
-KIND = "onnx-artifact"
+__all__ = ["KIND", "Artifact", "config_from_json", "precision_of", "read_artifact", "export_artifact"]
 OPSETS = range(18, 24)
 DEFAULT_OPSET = 19
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -46,8 +45,8 @@ class ExportOptions:
 
 
 def _check(options: ExportOptions, cfg: SaisaConfig) -> int:
-    if options.dtype not in DTYPES:
-        raise SaisaError(f"--dtype {options.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if options.dtype not in DTYPE_NAMES:
+        raise SaisaError(f"--dtype {options.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
     if options.opset not in OPSETS:
         raise SaisaError(f"--opset {options.opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
     if options.attention not in naavit.VARIANTS:
@@ -80,7 +79,7 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
     Graphs whose weights exceed `embed_limit` bytes keep them in `<graph>.onnx.data`.
     """
     context = _check(options, source.config)
-    dtype = DTYPES[options.dtype]
+    dtype = TORCH_DTYPES[options.dtype]
     tokenizer = PromptTokenizer.load(source.path)
     builders = {
         "vision": lambda: build_vision(source, dtype, options.opset),
@@ -120,63 +119,3 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
         }
         write_manifest(tmp, KIND, details)
     return details
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A checked artifact folder."""
-
-    path: Path
-    config: SaisaConfig
-    details: dict[str, Any]
-    files: dict[str, Any]  # name -> {sha256, bytes}, from the manifest
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.details["dtype"]]
-
-    @property
-    def precision(self) -> str:
-        return precision_of(self.details)
-
-    def graph(self, name: str) -> Path:
-        return self.path / self.details["graphs"][name]["file"]
-
-
-def precision_of(details: dict[str, Any]) -> str:
-    """What an artifact's linear layers compute in: its calibration's precision, else its dtype."""
-    quantization = details.get("quantization")
-    return str(quantization["recipe"]["precision"] if quantization else details["dtype"])
-
-
-def config_from_json(raw: dict[str, Any]) -> SaisaConfig:
-    text = dict(raw["text"])
-    text["rope_scaling"] = RopeScaling(**text["rope_scaling"]) if text["rope_scaling"] else None
-    text["eos_token_ids"] = tuple(text["eos_token_ids"])
-    vision = dict(raw["vision"])
-    vision["image_mean"], vision["image_std"] = tuple(vision["image_mean"]), tuple(vision["image_std"])
-    return SaisaConfig(TextConfig(**text), MultimodalConfig(**raw["mm"]), VisionConfig(**vision))
-
-
-def read_artifact(path: Path, verify: bool = True) -> Artifact:
-    """Open an artifact folder: manifest kind and version, every file present and (if `verify`) unchanged."""
-    manifest_path = path / MANIFEST_NAME
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise SaisaError(f"{path}: no {MANIFEST_NAME}; not an artifact folder (run `saisa-edge export`)") from None
-    except (OSError, ValueError) as e:
-        raise SaisaError(f"{manifest_path}: unreadable ({e}); export the artifact again") from None
-    if manifest.get("kind") != KIND:
-        raise SaisaError(f"{path}: holds a {manifest.get('kind')!r}, not an ONNX artifact")
-    if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise SaisaError(f"{manifest_path}: manifest version {manifest.get('manifest_version')} is not "
-                         f"{MANIFEST_VERSION}; export the artifact again with this saisa-edge")
-    for name, entry in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise SaisaError(f"{file}: missing from the artifact; export it again")
-        if file.stat().st_size != entry["bytes"] or (verify and sha256_file(file) != entry["sha256"]):
-            raise SaisaError(f"{file}: does not match its checksum in {MANIFEST_NAME}; export the artifact again")
-    details = manifest["details"]
-    return Artifact(path, config_from_json(details["config"]), details, manifest["files"])

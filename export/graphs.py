@@ -18,6 +18,10 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from saisa_edge.backends.artifact import (  # the names are the runtime's; re-exported for the exporter
+    FEATURES, GRAPHS, INPUT_IDS, LOGITS, PAST_POSITIONS, PIXEL_VALUES, POSITION_IDS, PRESENT_POSITIONS, VISUAL_END,
+    VISUAL_START, past, present, visual,
+)
 from saisa_edge.checkpoint.loader import CheckpointSource
 from saisa_edge.config import SaisaConfig
 from saisa_edge.export import naavit
@@ -30,22 +34,6 @@ from saisa_edge.model.clip import ClipVisionTower
 from saisa_edge.model.llama import SaisaLM
 
 I64 = TensorProto.INT64
-GRAPHS = ("vision", "visual_kv", "decoder")  # an artifact's graphs, in the order data flows
-INPUT_IDS, POSITION_IDS, PAST_POSITIONS, VISUAL_END = "input_ids", "position_ids", "past_positions", "visual_end"
-LOGITS, PRESENT_POSITIONS = "logits", "present_positions"
-PIXEL_VALUES, FEATURES, VISUAL_START = "pixel_values", "features", "visual_start"
-
-
-def past(kind: str, layer: int) -> str:
-    return f"past_{kind}.{layer}"
-
-
-def present(kind: str, layer: int) -> str:
-    return f"present_{kind}.{layer}"
-
-
-def visual(kind: str, layer: int) -> str:
-    return f"visual_{kind}.{layer}"
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

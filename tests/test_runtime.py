@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from tests.conftest import DEMO_IMAGE, generate
 from saisa_edge.runtime.sampling import SamplingParams, make_generator, sample
 from saisa_edge.runtime.stream import TextStream
 
-LOGITS = torch.tensor([0.0, 3.0, 2.5, -1.0, 2.9])
+LOGITS = np.array([0.0, 3.0, 2.5, -1.0, 2.9], dtype=np.float32)
 
 
 def _draws(params: SamplingParams, n: int = 300) -> list[int]:
@@ -94,7 +95,7 @@ def test_generate_greedy_matches_original(tiny_ckpt):
     assert r.prompt_tokens.count(-200) == 1
     assert set(r.timings_ms) >= {"vision", "visual_kv", "prefill", "first_token", "decode", "total"}
     assert "".join(streamed) == tiny_ckpt.tokenizer.decode(r.tokens)
-    seq, feats = list(r.prompt_tokens), tiny_ckpt.vision(pixels[None])[0]
+    seq, feats = list(r.prompt_tokens), tiny_ckpt.vision(torch.from_numpy(pixels)[None])[0]
     for tok in r.tokens:
         assert int(original.forward(tiny_ckpt.lm, seq, feats)[-1].argmax()) == tok
         seq.append(tok)

@@ -74,7 +74,7 @@ def test_text_as_image_on_real_weights(smol):
 
 
 def test_clip_l_equals_transformers(smol):
-    pixels = preprocess(load_image(DEMO_IMAGE), smol.config.vision)[None]
+    pixels = torch.from_numpy(preprocess(load_image(DEMO_IMAGE), smol.config.vision))[None]
     assert vision_vs_transformers(smol.vision, smol.vision_tower_path, smol.config, pixels) < 1e-4
 
 
@@ -91,7 +91,8 @@ def test_smol_export_runs_in_onnxruntime(smol_dir, smol, tmp_path):
     """Real sizes through export: weights streamed to external data, same greedy tokens as PyTorch."""
     from saisa_edge.backends.ort import OrtBackend
     from saisa_edge.checkpoint.loader import open_checkpoint
-    from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
+    from saisa_edge.backends.artifact import read_artifact
+    from saisa_edge.export.artifact import ExportOptions, export_artifact
 
     out = tmp_path / "art"
     details = export_artifact(open_checkpoint(smol_dir), out, ExportOptions())

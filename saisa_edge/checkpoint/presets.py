@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from saisa_edge.artifacts import atomic_folder, write_manifest
-from saisa_edge.config import DTYPES, VisionConfig, parse_config, parse_vision_config
+from saisa_edge.config import VisionConfig, parse_config, parse_vision_config
 from saisa_edge.model.clip import ClipVisionModel
+from saisa_edge.model.dtypes import TORCH_DTYPES as DTYPES
 from saisa_edge.model.llama import SaisaLM
 from saisa_edge.progress import say, track
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from saisa_edge.config import VisionConfig
@@ -43,8 +42,8 @@ def expand_to_square(img: Image.Image, mean: tuple[float, float, float]) -> Imag
     return canvas
 
 
-def preprocess(img: Image.Image, cfg: VisionConfig, pad: bool = True) -> torch.Tensor:
-    """RGB image -> normalised pixels [3, crop, crop] in fp32."""
+def preprocess(img: Image.Image, cfg: VisionConfig, pad: bool = True) -> np.ndarray:
+    """RGB image -> normalised pixels [3, crop, crop] float32 (numpy: the runtime needs no torch)."""
     if pad:
         img = expand_to_square(img, cfg.image_mean)
     w, h = img.size
@@ -56,4 +55,4 @@ def preprocess(img: Image.Image, cfg: VisionConfig, pad: bool = True) -> torch.T
     img = img.crop((left, top, left + c, top + c))
     mean, std = np.asarray(cfg.image_mean, np.float32), np.asarray(cfg.image_std, np.float32)
     x = (np.asarray(img, dtype=np.float32) * np.float32(1 / 255) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
