@@ -330,3 +330,28 @@ def test_undeletable_bad_entry_and_read_only_folder(tmp_path, monkeypatch, capsy
     assert not writable.get(_px(2), 0, _one)[1] and writable.folder is None
     assert "memory only" in capsys.readouterr().err
     assert writable.get(_px(2), 0, lambda: pytest.fail("kept in memory"))[1]
+
+
+def test_torch_identity_is_content_not_mtime(tiny_dir, tmp_path, monkeypatch):
+    """Same-size weights copied over with the old mtime change the identity (no stale hits)."""
+    import shutil
+
+    from saisa_edge.artifacts import MANIFEST_NAME
+    from saisa_edge.backends import pytorch
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    tower = ckpt / "clip-vision-tower"
+    monkeypatch.setattr(pytorch, "sha256_file", lambda p: pytest.fail(f"{p} hashed: the manifest lists it"))
+    from_manifest = pytorch.content_identity(ckpt, tower)  # make-checkpoint's manifest: no hashing
+    monkeypatch.undo()
+    (ckpt / MANIFEST_NAME).unlink()
+    assert pytorch.content_identity(ckpt, tower) == from_manifest  # the same checksums, computed
+    weights = tower / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert pytorch.content_identity(ckpt, tower) != from_manifest

@@ -59,6 +59,10 @@ class TextCache:
         layers = (kv,) * cfg.num_hidden_layers
         return cls(layers, layers, torch.zeros(batch, 0, dtype=torch.long))
 
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
 
 @torch.no_grad()
 def visual_kv(lm: SaisaLM, features: torch.Tensor, start: int) -> VisualKV:
