@@ -24,6 +24,12 @@ def test_every_cuda_status_is_checked():
         trt_backend.cuda_check("cudaStreamSynchronize", (_Status.cudaErrorIllegalAddress,))
 
 
+def test_tensorrt_refusals_are_one_line_errors():
+    trt_backend.trt_check("set_input_shape(x, (1,))", True)
+    with pytest.raises(SaisaError, match="set_input_shape\\(past_key.0, \\(1, 2\\)\\) was refused"):
+        trt_backend.trt_check("set_input_shape(past_key.0, (1, 2))", False)
+
+
 def test_real_cuda_bindings_report_through_the_check():
     """On a machine without a GPU, cuda-python's own status comes back as a one-line error."""
     rt = pytest.importorskip("cuda.bindings.runtime")

@@ -355,3 +355,17 @@ def test_torch_identity_is_content_not_mtime(tiny_dir, tmp_path, monkeypatch):
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
     assert pytorch.content_identity(ckpt, tower) != from_manifest
+
+
+@pytest.mark.parametrize("dtype, storage", [("bf16", "native"), ("fp16", "fp8"), ("fp32", "int8")])
+def test_disk_round_trip_of_every_dtype_and_storage(tmp_path, dtype, storage):
+    """bf16 and fp8 have no safetensors numpy type: stored as same-width integers, read back exactly."""
+    from saisa_edge.runtime.kv import NUMPY_DTYPES
+
+    rng = np.random.default_rng(0)
+    kv = VisualKV((rng.standard_normal((1, 1, 4, 8)).astype(NUMPY_DTYPES[dtype]),),
+                  (rng.standard_normal((1, 1, 4, 8)).astype(NUMPY_DTYPES[dtype]),), np.array([3]))
+    first, _ = VisualCache(_CFG, "m", dtype, 2**20, tmp_path, storage).get(_px(1), 3, lambda: kv)
+    again, hit = VisualCache(_CFG, "m", dtype, 2**20, tmp_path, storage).get(_px(1), 3, lambda: pytest.fail("disk"))
+    assert hit and again.keys[0].dtype == NUMPY_DTYPES[dtype]
+    assert all(np.array_equal(a, b) for a, b in zip((*first.keys, *first.values), (*again.keys, *again.values)))

@@ -1,18 +1,19 @@
 """TensorRT engines as a backend (runs engine folders from `saisa-edge build`).
 
 Device memory and the stream come from cuda-python (`cuda.bindings.runtime`); every CUDA
-call's status is checked (`cuda_check`). No torch, and no Python plugin code: an engine
-built with the NAAViT plugin carries its AOT kernel and deserializes without it.
+call's status is checked (`cuda_check`), as is every TensorRT setter's answer (`trt_check`).
+No torch, and no Python plugin code: an engine built with the NAAViT plugin carries its
+AOT kernel and deserializes without it.
 
 Buffers are allocated once per (engine, profile, tensor) at the profile's largest shapes
 and reused. What crosses the bus:
   - once per image: pixels up, features down (the runtime caches numpy arrays), features
     up, the visual K/V down; then the visual K/V up once per VisualKV object, kept on the
     device for every step that uses it (as the ONNX Runtime backend keeps its feeds).
-  - every decoder step: ids, positions and past positions up; logits [B, T, vocab] and
+  - every decoder step: ids and positions up; logits [B, T, vocab], the new positions and
     the new T columns of each layer's K/V down (the host keeps the text cache). The past
-    K/V go up only when the cache is not the one the previous step returned; when it is
-    (plain decoding), its device copy is read in place (two output sets, alternating).
+    K/V and positions go up only when the cache is not the one the previous step returned;
+    when it is (plain decoding), its device copy is read in place (two output sets, alternating).
   - the host appends the new columns to its copy of the cache: a host-side copy of the
     cache per step (numpy concatenation), which on a Jetson's shared memory is the same RAM.
 Nothing here runs without TensorRT and a GPU; the arithmetic it relies on (shapes, sizes,
@@ -63,6 +64,13 @@ def cuda_check(call: str, result: Any) -> Any:
     if int(status) != 0:
         raise SaisaError(f"--backend tensorrt: {call} failed ({getattr(status, 'name', status)}); {INSTALL_HINT}")
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def trt_check(call: str, ok: bool) -> None:
+    """TensorRT's setters answer False (and log why) instead of raising: one line naming the call."""
+    if not ok:
+        raise SaisaError(f"--backend tensorrt: {call} was refused (see TensorRT's log); "
+                         "rebuild the engines with `saisa-edge build` if the shapes exceed their profiles")
 
 
 def nbytes(shape: Sequence[int], dtype: np.dtype[Any]) -> int:
@@ -156,7 +164,8 @@ class _Engine:
         self.contexts = []
         for p in range(self.engine.num_optimization_profiles):
             ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(p, int(cuda.stream))
+            trt_check(f"{path.name}: set_optimization_profile_async({p})",
+                      ctx.set_optimization_profile_async(p, int(cuda.stream)))
             self.contexts.append(ctx)
         self._buffers: dict[tuple[int, str, int], int] = {}
 
@@ -165,7 +174,7 @@ class _Engine:
         ctx = self.contexts[profile]
         shapes = {n: tuple(self.engine.get_tensor_profile_shape(n, profile)[2]) for n in self.inputs}
         for n, s in shapes.items():
-            ctx.set_input_shape(n, s)
+            trt_check(f"set_input_shape({n}, {s})", ctx.set_input_shape(n, s))
         shapes.update({n: tuple(ctx.get_tensor_shape(n)) for n in self.outputs})
         return shapes
 
@@ -190,14 +199,13 @@ class _Engine:
                 ptr, shape = self.buffer(profile, name), a.shape
                 if a.size:
                     self.cuda.upload(ptr, a)
-            ctx.set_input_shape(name, shape)
-            ctx.set_tensor_address(name, ptr)
+            trt_check(f"set_input_shape({name}, {shape})", ctx.set_input_shape(name, shape))
+            trt_check(f"set_tensor_address({name})", ctx.set_tensor_address(name, ptr))
         out = {}
         for name in self.outputs:
             out[name] = _Tensor(self.buffer(profile, name, slot), tuple(ctx.get_tensor_shape(name)), self.dtypes[name])
-            ctx.set_tensor_address(name, out[name].ptr)
-        if not ctx.execute_async_v3(int(self.cuda.stream)):
-            raise SaisaError("--backend tensorrt: TensorRT failed to run the engine (see its log)")
+            trt_check(f"set_tensor_address({name})", ctx.set_tensor_address(name, out[name].ptr))
+        trt_check("execute_async_v3", ctx.execute_async_v3(int(self.cuda.stream)))
         return out
 
     def fetch(self, t: _Tensor) -> np.ndarray:

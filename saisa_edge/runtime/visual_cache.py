@@ -183,8 +183,9 @@ class VisualCache:
                 self.stats.misses += 1
             packed = pack(kv, self.storage)
             self._remember(digest, packed)
-            if self.writable:
-                self._write(key, packed)
+            folder = self.folder
+            if self.writable and folder is not None:
+                self._write(folder, key, packed)
             return (kv if self.storage == "native" else unpack(packed, self.dtype)), False
 
     def _lookup(self, key: EntryKey) -> PackedKV | None:
@@ -195,7 +196,8 @@ class VisualCache:
                 self._entries.move_to_end(digest)
                 self.stats.hits += 1
                 return kv
-        kv = self._read(key) if self.folder is not None else None
+        folder = self.folder  # one read: a disk failure in another thread may turn it off
+        kv = self._read(folder, key) if folder is not None else None
         if kv is not None:
             with self._lock:
                 self.stats.hits += 1
@@ -224,23 +226,26 @@ class VisualCache:
 
     # --- disk -------------------------------------------------------------------------------
 
-    def path(self, key: EntryKey) -> Path:
-        assert self.folder is not None
-        return self.folder / f"{PREFIX}{key.digest}{SUFFIX}"
+    def path(self, key: EntryKey, folder: Path | None = None) -> Path:
+        """Where `key`'s file lives (in `folder`, else the cache's folder)."""
+        base = folder or self.folder
+        if base is None:
+            raise ValueError("this cache has no folder")
+        return base / f"{PREFIX}{key.digest}{SUFFIX}"
 
     def _memory_only(self, why: str) -> None:
         warn(f"visual cache: {why}; keeping the cache in memory only")
         self.folder, self.writable = None, False
 
-    def _write(self, key: EntryKey, kv: PackedKV) -> None:
-        path = self.path(key)
+    def _write(self, folder: Path, key: EntryKey, kv: PackedKV) -> None:
+        path = self.path(key, folder)
         data = encode(key, kv)
         if len(data) > self.disk_budget:
             return
         tmp = path.with_name(f".{path.name[: -len(SUFFIX)]}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
             with self._disk_lock:
-                self._make_room(len(data))
+                self._make_room(folder, len(data))
                 _write_file(tmp, data)
                 os.replace(tmp, path)
         except OSError as e:
@@ -250,11 +255,10 @@ class VisualCache:
                 pass
             self._memory_only(f"cannot write {path} ({e})")
 
-    def _make_room(self, incoming: int) -> None:
+    def _make_room(self, folder: Path, incoming: int) -> None:
         """Remove the least recently used entries until `incoming` bytes fit the disk budget."""
-        assert self.folder is not None
         entries = []
-        for p in self.folder.glob(f"{PREFIX}*{SUFFIX}"):
+        for p in folder.glob(f"{PREFIX}*{SUFFIX}"):
             try:
                 st = p.stat()
             except FileNotFoundError:
@@ -269,8 +273,8 @@ class VisualCache:
             with self._lock:
                 self.stats.disk_evictions += 1
 
-    def _read(self, key: EntryKey) -> PackedKV | None:
-        path = self.path(key)
+    def _read(self, folder: Path, key: EntryKey) -> PackedKV | None:
+        path = self.path(key, folder)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
