@@ -1,13 +1,15 @@
 """Start-up cost of the runtime, as JSON: wall time of `saisa-edge --help`, and wall time
 and peak RSS of `saisa-edge run` on an artifact folder, text-only and with the demo image.
 
-    python -m benchmarks.startup ARTIFACT [--repeats 5] [--tree SOURCE_TREE]
+    python -m benchmarks.startup ARTIFACT [--repeats 5] [--tree SOURCE_TREE] [--without torch,onnx]
 
 Each command runs in a fresh process (`python -m saisa_edge ...`, so the numbers do not
 depend on a console script's shebang) with `--tree` as its working directory, so an older
 checkout can be measured with the same script; the best of `--repeats` runs is kept, since
 the machine may be shared. Peak RSS is the child's own (`ru_maxrss` of the waited process).
-`modules` lists which heavy libraries `--help` and `run` import.
+`modules` lists which heavy libraries `--help` and `run` import. `--without` makes modules
+unimportable in the child (as if not installed: a runtime-only install without the
+[export] extra), so that case is measured on a machine that has them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ PROMPT = "What is in the picture?"
 
 # Runs the CLI in-process and reports which heavy modules it imported (to stderr, as JSON).
 _PROBE = """import json, sys, runpy
+for name in {without!r}:
+    sys.modules[name] = None
 sys.argv = ["saisa-edge", *sys.argv[1:]]
 try:
     runpy.run_module("saisa_edge", run_name="__main__")
@@ -36,16 +40,16 @@ except SystemExit as e:
     code = e.code
 else:
     code = 0
-print("MODULES " + json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)), file=sys.stderr)
+print("MODULES " + json.dumps(sorted(m for m in {heavy!r} if sys.modules.get(m) is not None)), file=sys.stderr)
 sys.exit(code)
 """
 
 
-def _once(tree: Path, args: list[str]) -> dict[str, Any]:
+def _once(tree: Path, args: list[str], without: tuple[str, ...]) -> dict[str, Any]:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err_file:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", _PROBE.format(heavy=HEAVY), *args], stdout=out,
-                                stderr=err_file, cwd=tree, text=True)
+        probe = _PROBE.format(heavy=HEAVY, without=without)
+        proc = subprocess.Popen([sys.executable, "-c", probe, *args], stdout=out, stderr=err_file, cwd=tree, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -57,8 +61,8 @@ def _once(tree: Path, args: list[str]) -> dict[str, Any]:
     return {"wall_s": round(wall, 3), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "modules": modules}
 
 
-def best(tree: Path, args: list[str], repeats: int) -> dict[str, Any]:
-    runs = [_once(tree, args) for _ in range(repeats)]
+def best(tree: Path, args: list[str], repeats: int, without: tuple[str, ...] = ()) -> dict[str, Any]:
+    runs = [_once(tree, args, without) for _ in range(repeats)]
     return {"wall_s": min(r["wall_s"] for r in runs), "peak_rss_mib": min(r["peak_rss_mib"] for r in runs),
             "modules": runs[0]["modules"], "repeats": repeats}
 
@@ -68,13 +72,15 @@ def main() -> None:
     p.add_argument("artifact", type=Path)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tree", type=Path, default=ROOT, help="Source tree to measure (default: this one).")
+    p.add_argument("--without", default="", help="Comma list of modules made unimportable in the child.")
     a = p.parse_args()
+    without = tuple(m for m in a.without.split(",") if m)
     run = ["run", str(a.artifact.resolve()), "--prompt", PROMPT, "--max-new-tokens", "8", "--json"]
     report = {
-        "artifact": str(a.artifact),
-        "help": best(a.tree, ["--help"], a.repeats),
-        "run_text": best(a.tree, run, a.repeats),
-        "run_image": best(a.tree, [*run, "--image", str(DEMO_IMAGE)], a.repeats),
+        "artifact": str(a.artifact), "without": list(without),
+        "help": best(a.tree, ["--help"], a.repeats, without),
+        "run_text": best(a.tree, run, a.repeats, without),
+        "run_image": best(a.tree, [*run, "--image", str(DEMO_IMAGE)], a.repeats, without),
     }
     print(json.dumps(report, indent=2))
 

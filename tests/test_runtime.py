@@ -156,6 +156,8 @@ def test_empty_batch_and_top_p_edge(tiny_ckpt):
 
     s = Session(TorchBackend(tiny_ckpt), tiny_ckpt.tokenizer, TEMPLATES["vicuna_v1"])
     assert s.generate_batch([]) == []
+    with pytest.raises(SaisaError, match="^pixels: give a numpy array"):
+        s.generate(Request("Hi", pixels=torch.zeros(3, 4, 4)))
     r = s.generate(Request("Hi", params=SamplingParams(temperature=1.0, top_p=1e-9, seed=0), max_new_tokens=3))
     assert r.tokens == s.generate(Request("Hi", max_new_tokens=3)).tokens  # the smallest top-p: greedy
 

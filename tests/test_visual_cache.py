@@ -369,3 +369,28 @@ def test_disk_round_trip_of_every_dtype_and_storage(tmp_path, dtype, storage):
     again, hit = VisualCache(_CFG, "m", dtype, 2**20, tmp_path, storage).get(_px(1), 3, lambda: pytest.fail("disk"))
     assert hit and again.keys[0].dtype == NUMPY_DTYPES[dtype]
     assert all(np.array_equal(a, b) for a, b in zip((*first.keys, *first.values), (*again.keys, *again.values)))
+
+
+@pytest.mark.parametrize("scaling", [None, ("linear", 2.0), ("llama3", 8.0)])
+def test_numpy_rotation_equals_the_reference_at_the_new_offset(tiny_ckpt, scaling):
+    """runtime.rope (numpy) moves keys exactly where model.rope (torch) puts them, scaling included."""
+    import dataclasses
+
+    import torch
+
+    from saisa_edge.backends.pytorch import to_numpy
+    from saisa_edge.config import RopeScaling
+    from saisa_edge.model import split
+    from saisa_edge.model.llama import SaisaLM
+
+    rope = None if scaling is None else RopeScaling(scaling[0], scaling[1], 1.0, 4.0, 64)
+    cfg = dataclasses.replace(tiny_ckpt.config, text=dataclasses.replace(tiny_ckpt.config.text, rope_scaling=rope))
+    lm = SaisaLM(cfg)
+    lm.load_state_dict(tiny_ckpt.lm.state_dict())
+    features = torch.randn(1, cfg.num_visual_tokens, cfg.mm.mm_hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def at(start: int) -> VisualKV:
+        kv = split.visual_kv(lm, features, start)
+        return VisualKV(tuple(map(to_numpy, kv.keys)), tuple(map(to_numpy, kv.values)), to_numpy(kv.starts))
+
+    _same(at(20).moved_to(cfg.text, 157), at(157), atol=2e-5)

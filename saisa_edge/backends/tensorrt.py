@@ -123,6 +123,7 @@ class _Cuda:
         cuda_check("cudaFree", self.rt.cudaFree(ptr))
 
     def upload(self, ptr: int, a: np.ndarray) -> None:
+        """From pageable memory the call returns once `a` is staged, so `a` may be freed after it."""
         a = np.ascontiguousarray(a)
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         cuda_check("cudaMemcpyAsync", self.rt.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, kind, self.stream))

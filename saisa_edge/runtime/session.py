@@ -158,6 +158,11 @@ class Session:
              visual: VisualKV | None = None) -> _Row:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        if request.pixels is not None:
+            c = self.backend.config.vision.crop_size
+            if not isinstance(request.pixels, np.ndarray) or request.pixels.shape != (3, c, c):
+                raise SaisaError(f"pixels: give a numpy array [3, {c}, {c}] (saisa_edge.inputs.image.preprocess), "
+                                 f"not {type(request.pixels).__name__} {getattr(request.pixels, 'shape', '')}")
         n_visual = self.backend.config.num_visual_tokens if request.pixels is not None else 0
         n_text = len(ids) - (1 if n_visual else 0)
         if n_text + n_visual >= self.backend.max_context:
