@@ -35,7 +35,7 @@ def measure(ckpt: Checkpoint) -> dict[str, object]:
     t0 = time.perf_counter()
     tok = ckpt.tokenizer
     template = get_template(tok.default_conv_mode())
-    pixels = preprocess(load_image(DEMO_IMAGE), ckpt.config.vision)[None]
+    pixels = torch.from_numpy(preprocess(load_image(DEMO_IMAGE), ckpt.config.vision))[None]
     features = ckpt.vision(pixels)
     ids = tok.encode(template.prompt([(user_message("What is shown in this image?", True), None)]))
     text_ids = tok.encode(template.prompt([("What is the capital of France?", None)]))

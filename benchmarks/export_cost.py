@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from saisa_edge.artifacts import open_artifact
@@ -29,8 +30,7 @@ from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.presets import tiny, write_checkpoint
 from saisa_edge.inputs.conversation import get_template
 from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
-from saisa_edge.model import split
-from saisa_edge.model.split import TextCache
+from saisa_edge.runtime.kv import TextCache, text_layout
 from saisa_edge.runtime.session import user_message
 
 
@@ -65,21 +65,21 @@ def errors(ckpt_dir: Path, artifact: Path) -> dict[str, object]:
     feats = ref.vision(pixels)
     tok = ckpt.tokenizer
     ids = tok.encode(get_template(tok.default_conv_mode()).prompt([(user_message("Describe it.", True), None)]))
-    text, positions, start = split.text_layout(ids, feats.shape[1])
+    text, positions, start = text_layout(ids, feats.shape[1])
     feats_ort = ort_b.vision(pixels)
     vis_ref, vis_ort = ref.visual_kv(feats, start), ort_b.visual_kv(feats_ort, start)
 
-    def diff(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.float() - b.float()).abs().max())
+    def diff(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max())
 
     out: dict[str, object] = {
         "vision": diff(feats_ort, feats),
         "visual_kv": max(max(diff(a, b) for a, b in zip(vis_ort.keys, vis_ref.keys)),
                          max(diff(a, b) for a, b in zip(vis_ort.values, vis_ref.values))),
     }
-    c_ref = TextCache.empty(ckpt.config.text, 1, torch.float32)
+    c_ref = TextCache.empty(ckpt.config.text, 1, "fp32")
     c_ort = TextCache.empty(ckpt.config.text, 1, ort_b.dtype)
-    step_ids, step_pos = torch.tensor([text]), torch.tensor([positions])
+    step_ids, step_pos = np.array([text], dtype=np.int64), np.array([positions], dtype=np.int64)
     worst, cos, agree, steps = 0.0, 1.0, 0, 0
     for i in range(33):
         l_ref, c_ref = ref.forward(step_ids, step_pos, c_ref, vis_ref)
@@ -87,12 +87,13 @@ def errors(ckpt_dir: Path, artifact: Path) -> dict[str, object]:
         if i == 0:
             out["prefill_logits"] = diff(l_ort, l_ref)
         worst = max(worst, diff(l_ort, l_ref))
-        cos = min(cos, float(torch.nn.functional.cosine_similarity(l_ort[0], l_ref[0], dim=-1).min()))
+        cos = min(cos, float(torch.nn.functional.cosine_similarity(
+            torch.from_numpy(l_ort[0]), torch.from_numpy(l_ref[0]), dim=-1).min()))
         agree += int((l_ort[0].argmax(-1) == l_ref[0].argmax(-1)).sum())
         steps += l_ref.shape[1]
-        step_ids, step_pos = l_ref[:, -1:].argmax(-1), step_pos[:, -1:] + 1
+        step_ids, step_pos = l_ref[:, -1:].argmax(-1).astype(np.int64), step_pos[:, -1:] + 1
     out.update(logits_max_abs=worst, logit_cosine_min=cos, top1_agreement=agree / steps,
-               logit_scale=float(l_ref.abs().max()))
+               logit_scale=float(np.abs(l_ref).max()))
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 from saisa_edge.backends import Backend, open_model
 from saisa_edge.inputs.conversation import get_template
 from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
+from saisa_edge.runtime.kv import NUMPY_DTYPES
 from saisa_edge.runtime.session import Request, Result, Session
 from saisa_edge.runtime.visual_cache import VisualCache
 
@@ -56,7 +57,7 @@ def decode_rates(results: list[Result]) -> list[float]:
 def kv_bytes_per_token(backend: Backend, prompt_tokens: int, generated: int) -> float:
     """Average bytes of K/V one decode step reads: visual + text, every layer."""
     t = backend.config.text
-    per_position = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * backend.dtype.itemsize
+    per_position = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * NUMPY_DTYPES[backend.dtype].itemsize
     mean_text = prompt_tokens + generated / 2
     return per_position * (backend.config.num_visual_tokens + mean_text)
 
@@ -66,7 +67,7 @@ def weight_bytes(backend: Backend) -> int:
     t = backend.config.text
     layer = (t.hidden_size * t.head_dim * (t.num_attention_heads * 2 + t.num_key_value_heads * 2)
              + 3 * t.hidden_size * t.intermediate_size + 2 * t.hidden_size)
-    return (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size + t.hidden_size) * backend.dtype.itemsize
+    return (t.num_hidden_layers * layer + t.vocab_size * t.hidden_size + t.hidden_size) * NUMPY_DTYPES[backend.dtype].itemsize
 
 
 def main() -> None:
@@ -80,7 +81,7 @@ def main() -> None:
     ort_backend, tok = open_model(args.artifact, "onnxruntime")
     torch_backend, _ = open_model(args.checkpoint, "torch")
     pixels = preprocess(load_image(DEMO_IMAGE), ort_backend.config.vision)
-    report: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}, "dtype": str(ort_backend.dtype)}
+    report: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}, "dtype": ort_backend.dtype}
     # a fixed number of tokens: the model must not stop early for the rates to compare
     eos_free = Request(QUESTION, pixels, max_new_tokens=args.tokens)
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 from saisa_edge.artifacts import ARTIFACT_KIND, MANIFEST_NAME, Artifact, atomic_folder, open_artifact, write_manifest
 from saisa_edge.artifacts.names import GRAPHS
@@ -35,7 +34,6 @@ from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.progress import say, track
 from saisa_edge.runtime.sampling import SamplingParams
 from saisa_edge.runtime.session import Request, Session
-from saisa_edge.runtime.visual_cache import pixel_digest
 
 Stats = dict[str, dict[str, TensorStats]]  # graph -> tapped tensor -> statistics
 
@@ -64,7 +62,7 @@ class _Run:
     """One calibration pass: tapped graphs on ONNX Runtime, a greedy request per pair."""
 
     def __init__(self, art: Artifact, models: dict[str, onnx.ModelProto], taps: dict[str, list[str]],
-                 channels: set[str], workdir: Path, features: dict[str, torch.Tensor]):
+                 channels: set[str], workdir: Path, features: dict[str, np.ndarray]):
         self.stats: Stats = {g: {t: TensorStats(channels=t in channels) for t in names} for g, names in taps.items()}
         paths = {}
         for name, names in taps.items():
@@ -72,17 +70,8 @@ class _Run:
                 paths[name] = workdir / f"{name}.onnx"
                 _save(qdq.with_taps(models[name], names), paths[name])
         self.art = art
-        self.backend = OrtBackend(art, paths, self._observe)
-        self.features = features
-        original_vision = self.backend.vision
-
-        def vision(pixels: torch.Tensor) -> torch.Tensor:  # an image goes through vision.onnx once per calibration
-            key = pixel_digest(pixels)
-            if key not in self.features:
-                self.features[key] = original_vision(pixels)
-            return self.features[key]
-
-        self.backend.vision = vision  # type: ignore[method-assign]
+        # every graph output observed; an image goes through vision.onnx once per calibration (`features`)
+        self.backend = OrtBackend(art, paths, self._observe, features)
 
     def _observe(self, graph: str, outputs: dict[str, np.ndarray]) -> None:
         for name, s in self.stats.get(graph, {}).items():
@@ -115,7 +104,7 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
     models = {name: onnx.load(str(art.graph(name))) for name in GRAPHS}
     sites = select_sites(models, recipe)
     taps = {name: sorted({s.activation for s in group}) for name, group in sites.items()}
-    features: dict[str, torch.Tensor] = {}
+    features: dict[str, np.ndarray] = {}
     passes = 2 if recipe.smoothquant is not None else 1
     with tempfile.TemporaryDirectory(prefix="saisa-calibrate-") as tmp:
         channels = {t for names in taps.values() for t in names} if recipe.smoothquant is not None else set()

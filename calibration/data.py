@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from saisa_edge.config import VisionConfig
 from saisa_edge.errors import SaisaError
@@ -26,7 +26,7 @@ MIN_IMAGES = 2
 class Pair:
     image: Path
     prompt: str
-    pixels: torch.Tensor  # preprocessed [3, S, S]
+    pixels: np.ndarray  # preprocessed [3, S, S] float32
 
 
 def read_prompts(path: Path, flag: str = "--prompts") -> list[str]:
@@ -60,7 +60,7 @@ def pairs(vision: VisionConfig, samples: int, images: Path | None = None, prompt
         raise SaisaError(f"--samples {samples}: must be at least 1")
     files = image_files(images or asset(bundled))
     texts = read_prompts(prompts or asset(bundled, "prompts.txt"))
-    decoded: dict[Path, torch.Tensor] = {}
+    decoded: dict[Path, np.ndarray] = {}
     out = []
     for i in range(samples):
         f = files[i % len(files)]
@@ -75,5 +75,5 @@ def digest(chosen: list[Pair]) -> str:
     h = hashlib.sha256()
     for p in chosen:
         h.update(p.prompt.encode())
-        h.update(p.pixels.numpy().tobytes())
+        h.update(p.pixels.tobytes())
     return h.hexdigest()

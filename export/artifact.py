@@ -17,13 +17,14 @@ import onnx
 
 from saisa_edge.artifacts import ARTIFACT_KIND, atomic_folder, write_manifest
 from saisa_edge.checkpoint.loader import CheckpointSource
-from saisa_edge.config import DTYPES, SaisaConfig
+from saisa_edge.config import DTYPE_NAMES, SaisaConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
 from saisa_edge.export.graph import EMBED_LIMIT, Graph
 from saisa_edge.export.graphs import build_decoder, build_vision, build_visual_kv
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
+from saisa_edge.model.dtypes import TORCH_DTYPES
 from saisa_edge.progress import say
 
 OPSETS = range(18, 24)
@@ -41,8 +42,8 @@ class ExportOptions:
 
 
 def _check(options: ExportOptions, cfg: SaisaConfig) -> int:
-    if options.dtype not in DTYPES:
-        raise SaisaError(f"--dtype {options.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    if options.dtype not in DTYPE_NAMES:
+        raise SaisaError(f"--dtype {options.dtype!r} is not supported; choose one of {', '.join(DTYPE_NAMES)}")
     if options.opset not in OPSETS:
         raise SaisaError(f"--opset {options.opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1}")
     if options.attention not in naavit.VARIANTS:
@@ -71,7 +72,7 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
     Graphs whose weights exceed `embed_limit` bytes keep them in `<graph>.onnx.data`.
     """
     context = _check(options, source.config)
-    dtype = DTYPES[options.dtype]
+    dtype = TORCH_DTYPES[options.dtype]
     tokenizer = PromptTokenizer.load(source.path)
     builders = {
         "vision": lambda: build_vision(source, dtype, options.opset),

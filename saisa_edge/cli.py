@@ -15,10 +15,11 @@ from saisa_edge import __version__
 from saisa_edge.artifacts import Artifact
 from saisa_edge.backends import BACKENDS
 from saisa_edge.calibration import recipe as recipes
-from saisa_edge.config import DTYPES
+from saisa_edge.config import DTYPE_NAMES
 from saisa_edge.errors import SaisaError
 from saisa_edge.extras import require_export
 from saisa_edge.runtime.kv_storage import STORAGES
+from saisa_edge.runtime.visual_cache import DEFAULT_DISK_MB
 
 
 class _Group(click.Group):
@@ -44,7 +45,7 @@ def main() -> None:
 @main.command("make-checkpoint")
 @click.option("--preset", type=click.Choice(["tiny", "smol"]), required=True, help="What to build.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Checkpoint folder to write.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="On-disk dtype (preset default).")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help="On-disk dtype (preset default).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "bin"]), default="safetensors", show_default=True)
 @click.option("--shard-mb", type=click.FloatRange(min=0), default=0, help="Shard the weights at this size (0: one file).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
@@ -75,19 +76,21 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--vision-tower", type=click.Path(path_type=Path), default=None,
                      help="Local CLIP vision tower folder (checkpoints)."),
         click.option("--conv-mode", default=None, help="vicuna_v1, llama_3 or chatml_direct (default: from the tokenizer)."),
-        click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
                      help="Compute dtype of a checkpoint (default fp32); an artifact has its own."),
-        click.option("--cache-mb", type=click.FloatRange(min=0), default=1024, show_default=True,
+        click.option("--cache-mb", type=float, default=1024, show_default=True,
                      help="Memory budget of the visual K/V cache."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Keep visual K/V on disk here, for later runs and other processes."),
+        click.option("--cache-disk-mb", type=float, default=DEFAULT_DISK_MB, show_default=True,
+                     help="Disk budget of --cache-dir (least recently used entries removed)."),
         click.option("--cache-storage", type=click.Choice(STORAGES), default="native",
                      show_default=True, help="Store cached visual K/V quantized (half of fp16's memory)."),
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, help="0 (default): greedy."),
+        click.option("--temperature", type=float, default=0.0, help="0 (default): greedy."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k most likely (0: all)."),
         click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0),
-        click.option("--seed", type=int, default=None, help="Seed for sampling."),
+        click.option("--seed", default=None, help="Seed for sampling (an integer, 0 to 2**64-1)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -95,18 +98,18 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _session(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
-             cache_mb: float, cache_dir: Path | None, cache_storage: str) -> tuple[Any, float]:
+             cache_mb: float, cache_dir: Path | None, cache_storage: str, cache_disk_mb: float) -> tuple[Any, float]:
     from saisa_edge.backends import open_model
     from saisa_edge.inputs.conversation import get_template
     from saisa_edge.runtime.session import Session
-    from saisa_edge.runtime.visual_cache import VisualCache
+    from saisa_edge.runtime.visual_cache import VisualCache, budget_bytes
 
+    memory, disk = budget_bytes(cache_mb, "--cache-mb"), budget_bytes(cache_disk_mb, "--cache-disk-mb")
     t0 = time.perf_counter()
     _require_torch(source, backend)
     model, tokenizer = open_model(source, backend, vision_tower, dtype)
     template = get_template(conv_mode or tokenizer.default_conv_mode())
-    cache = VisualCache(model.config.text, model.identity, model.dtype, int(cache_mb * 2**20), cache_dir,
-                        cache_storage)
+    cache = VisualCache(model.config.text, model.identity, model.dtype, memory, cache_dir, cache_storage, disk)
     return Session(model, tokenizer, template, cache), (time.perf_counter() - t0) * 1000
 
 
@@ -136,18 +139,20 @@ def _echo(piece: str) -> None:
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
-        cache_mb: float, cache_dir: Path | None, cache_storage: str, max_new_tokens: int, temperature: float,
-        top_k: int, top_p: float,
-        seed: int | None, image: Path | None, prompt: str, as_json: bool) -> None:
+        cache_mb: float, cache_dir: Path | None, cache_disk_mb: float, cache_storage: str, max_new_tokens: int,
+        temperature: float, top_k: int, top_p: float, seed: str | None, image: Path | None, prompt: str,
+        as_json: bool) -> None:
     """Answer one question about an image with SOURCE: an artifact folder or a checkpoint."""
     from saisa_edge.inputs.image import load_image
-    from saisa_edge.runtime.sampling import SamplingParams
+    from saisa_edge.runtime.sampling import SamplingParams, parse_seed
     from saisa_edge.runtime.session import Request
 
+    params = SamplingParams(temperature, top_k, top_p, parse_seed(seed))  # bad flags fail before the model loads
     img = load_image(image) if image is not None else None  # a broken image fails before the model loads
-    session, load_ms = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage)
+    session, load_ms = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage,
+                                cache_disk_mb)
     pixels = _pixels(session, img) if img is not None else None
-    request = Request(prompt, pixels, SamplingParams(temperature, top_k, top_p, seed), max_new_tokens)
+    request = Request(prompt, pixels, params, max_new_tokens)
     result = session.generate(request, None if as_json else _echo)
     result.timings_ms = {"load": load_ms, **result.timings_ms}
     if as_json:
@@ -163,14 +168,15 @@ def run(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | 
 @_source_options
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Image to talk about (/image to switch).")
 def chat(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
-         cache_mb: float, cache_dir: Path | None, cache_storage: str, max_new_tokens: int, temperature: float, top_k: int,
-         top_p: float, seed: int | None, image: Path | None) -> None:
+         cache_mb: float, cache_dir: Path | None, cache_disk_mb: float, cache_storage: str, max_new_tokens: int,
+         temperature: float, top_k: int, top_p: float, seed: str | None, image: Path | None) -> None:
     """A conversation in the terminal. /image PATH switches image, /reset starts over, /stats, /quit."""
-    from saisa_edge.runtime.sampling import SamplingParams
+    from saisa_edge.runtime.sampling import SamplingParams, parse_seed
 
-    session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage)
+    params = SamplingParams(temperature, top_k, top_p, parse_seed(seed))
+    session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage,
+                          cache_disk_mb)
     conversation = session.chat(_pixels(session, image) if image is not None else None)
-    params = SamplingParams(temperature, top_k, top_p, seed)
     last: dict[str, Any] = {}
     click.echo("saisa-edge chat: /image PATH, /reset, /stats, /quit", err=True)
     while True:
@@ -381,7 +387,7 @@ def flops(checkpoint: Path | None, name: str | None, text_tokens: int, as_json: 
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--vision-tower", type=click.Path(path_type=Path), default=None)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Compute dtype of a checkpoint.")
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help="Compute dtype of a checkpoint.")
 @click.option("--prompt-lengths", default="16,128", show_default=True, help="Comma list of prompt token counts.")
 @click.option("--batches", default="1,2", show_default=True, help="Comma list of batch sizes.")
 @click.option("--decode-tokens", type=click.IntRange(min=1), default=16, show_default=True)

@@ -11,14 +11,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from saisa_edge import strict
 from saisa_edge.errors import SaisaError
 from saisa_edge.strict import read_json  # noqa: F401  (its former home; loaders import it from here)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""The dtype names every command accepts."""
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+"""The dtype names every command accepts (torch's dtypes: `model.dtypes`, numpy's: `runtime.kv`)."""
 
 # Bookkeeping fields of HF / LLaVA / SAISA configs that do not affect inference.
 _IGNORED_FIELDS = frozenset(

@@ -13,7 +13,7 @@ import torch
 from saisa_edge.artifacts import MANIFEST_NAME, atomic_folder, sha256_file
 from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.presets import TOWER_DIR, tiny, write_checkpoint
-from saisa_edge.config import DTYPES
+from saisa_edge.model.dtypes import TORCH_DTYPES as DTYPES
 from saisa_edge.errors import SaisaError
 
 

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 # Makes the export extra's libraries unimportable, then runs each command line given as JSON.
-# torch is not blocked here while the runtime still imports it (issue 11 item 3 removes that);
-# onnx and transformers are export-only already.
 _BLOCKED = """
 import contextlib, io, json, sys
-for name in ("onnx", "transformers"):
+for name in ("torch", "onnx", "transformers"):
     sys.modules[name] = None
 from saisa_edge.cli import main
 results = []

@@ -260,6 +260,7 @@ for ck in sorted(Path({str(tmp_path)!r}).iterdir()):
         ("huge-png", "over .* pixels"),
         ("nan-weights", "holds 1 NaN or infinite value"),
         ("deep-png", None),
+        ("bad-utf8-prompt", "--prompt: not valid UTF-8 text"),
     ],
 )
 def test_cli_end_to_end(tmp_path, tiny_dir, how, message):
@@ -268,7 +269,7 @@ def test_cli_end_to_end(tmp_path, tiny_dir, how, message):
     from PIL import Image
     from safetensors.torch import load_file, save_file
 
-    ck, image = tiny_dir, DEMO_IMAGE
+    ck, image, prompt = tiny_dir, DEMO_IMAGE, "Hi"
     if how in ("tie-string", "nan-weights"):
         ck = tmp_path / "c"
         shutil.copytree(tiny_dir, ck)
@@ -283,10 +284,12 @@ def test_cli_end_to_end(tmp_path, tiny_dir, how, message):
     elif how == "huge-png":
         image = tmp_path / "huge.png"
         image.write_bytes(imagefiles.with_size(imagefiles.encode("PNG"), "PNG", 20000, 20000))
+    elif how == "bad-utf8-prompt":
+        prompt = os.fsdecode(b"caf\xe9")  # how a non-UTF-8 argv arrives: a lone surrogate
     else:
         image = tmp_path / "deep.png"
         Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(image)
-    r = CliRunner().invoke(main, ["run", str(ck), "--image", str(image), "--prompt", "Hi", "--max-new-tokens", "2"])
+    r = CliRunner().invoke(main, ["run", str(ck), "--image", str(image), "--prompt", prompt, "--max-new-tokens", "2"])
     assert "Traceback" not in r.output
     if message is None:
         assert r.exit_code == 0, r.output

@@ -29,7 +29,7 @@ FP32_BOUND = 2e-5  # logits are O(1); fp32 reassociation noise is ~1e-6
 def features_of(ckpt, seed: int = 0) -> torch.Tensor:
     """Selected CLIP features [1, N_v, mm] of the demo image, or of random pixels for another seed."""
     if seed == 0:
-        pixels = preprocess(load_image(DEMO_IMAGE), ckpt.config.vision)
+        pixels = torch.from_numpy(preprocess(load_image(DEMO_IMAGE), ckpt.config.vision))
     else:
         pixels = torch.randn(3, ckpt.config.vision.crop_size, ckpt.config.vision.crop_size,
                              generator=torch.Generator().manual_seed(seed))
@@ -140,7 +140,7 @@ def test_vision_path_equals_transformers_clip(tiny_ckpt, select_layer, feature):
     with torch.device("meta"):
         tower = ClipVisionTower(cfg)
     load_weights(tower, open_checkpoint(tiny_ckpt.path), torch.float32)
-    pixels = preprocess(load_image(DEMO_IMAGE), cfg.vision)[None]
+    pixels = torch.from_numpy(preprocess(load_image(DEMO_IMAGE), cfg.vision))[None]
     assert tower(pixels).shape == (1, cfg.num_visual_tokens, cfg.vision.hidden_size)
     assert vision_vs_transformers(tower, tiny_ckpt.vision_tower_path, cfg, pixels) < 1e-5
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from tests.conftest import DEMO_IMAGE, generate
 from saisa_edge.runtime.sampling import SamplingParams, make_generator, sample
 from saisa_edge.runtime.stream import TextStream
 
-LOGITS = torch.tensor([0.0, 3.0, 2.5, -1.0, 2.9])
+LOGITS = np.array([0.0, 3.0, 2.5, -1.0, 2.9], dtype=np.float32)
 
 
 def _draws(params: SamplingParams, n: int = 300) -> list[int]:
@@ -94,7 +95,7 @@ def test_generate_greedy_matches_original(tiny_ckpt):
     assert r.prompt_tokens.count(-200) == 1
     assert set(r.timings_ms) >= {"vision", "visual_kv", "prefill", "first_token", "decode", "total"}
     assert "".join(streamed) == tiny_ckpt.tokenizer.decode(r.tokens)
-    seq, feats = list(r.prompt_tokens), tiny_ckpt.vision(pixels[None])[0]
+    seq, feats = list(r.prompt_tokens), tiny_ckpt.vision(torch.from_numpy(pixels)[None])[0]
     for tok in r.tokens:
         assert int(original.forward(tiny_ckpt.lm, seq, feats)[-1].argmax()) == tok
         seq.append(tok)
@@ -117,3 +118,67 @@ def test_generation_stops_at_context_end(tmp_path):
     ckpt = load_checkpoint(write_checkpoint(tiny(max_position_embeddings=80), tmp_path / "c", dtype="fp32"))
     r = generate(TorchBackend(ckpt), ckpt.tokenizer, TEMPLATES["vicuna_v1"], "Hi", None, SamplingParams(), 500)
     assert len(r.prompt_tokens) + len(r.tokens) <= 80 + 1 and r.finish_reason in ("length", "stop")
+
+
+# --- the library API checks what the CLI checks ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"temperature": float("nan")}, "--temperature"), ({"temperature": float("inf")}, "--temperature"),
+    ({"temperature": -0.5}, "--temperature"), ({"top_p": 0.0}, "--top-p"), ({"top_p": 1.5}, "--top-p"),
+    ({"top_k": -1}, "--top-k"), ({"top_k": 2.5}, "--top-k"), ({"seed": -1}, "--seed"), ({"seed": 2**64}, "--seed"),
+    ({"seed": 1e20}, "--seed"), ({"temperature": True}, "--temperature"),
+])
+def test_sampling_params_are_checked(kwargs, flag):
+    with pytest.raises(SaisaError, match=f"^{flag} "):
+        SamplingParams(**kwargs)
+
+
+def test_parse_seed():
+    from saisa_edge.runtime.sampling import parse_seed
+
+    assert parse_seed(None) is None and parse_seed("7") == 7 and parse_seed(str(2**64 - 1)) == 2**64 - 1
+    for bad in ("1e20", "x", "-3", str(2**64)):
+        with pytest.raises(SaisaError, match="^--seed "):
+            parse_seed(bad)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0, True])
+def test_max_new_tokens_is_checked(n):
+    from saisa_edge.runtime.session import Request
+
+    with pytest.raises(SaisaError, match="^--max-new-tokens "):
+        Request("hi", max_new_tokens=n)
+
+
+def test_empty_batch_and_top_p_edge(tiny_ckpt):
+    from saisa_edge.runtime.session import Request, Session
+
+    s = Session(TorchBackend(tiny_ckpt), tiny_ckpt.tokenizer, TEMPLATES["vicuna_v1"])
+    assert s.generate_batch([]) == []
+    with pytest.raises(SaisaError, match="^pixels: give a numpy array"):
+        s.generate(Request("Hi", pixels=torch.zeros(3, 4, 4)))
+    r = s.generate(Request("Hi", params=SamplingParams(temperature=1.0, top_p=1e-9, seed=0), max_new_tokens=3))
+    assert r.tokens == s.generate(Request("Hi", max_new_tokens=3)).tokens  # the smallest top-p: greedy
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--cache-mb", "inf"), ("--cache-mb", "nan"),
+                                         ("--seed", "1e20"), ("--cache-disk-mb", "-1")])
+def test_cli_refuses_bad_numbers_in_one_line(tiny_dir, flag, value):
+    from click.testing import CliRunner
+
+    from saisa_edge.cli import main
+
+    r = CliRunner().invoke(main, ["run", str(tiny_dir), "--prompt", "hi", flag, value])
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag} {value}"), r.stderr
+
+
+def test_numpy_sampling_is_seeded_numpy():
+    """The generator is numpy's PCG64: the same seed gives the same draws as numpy's own."""
+    params = SamplingParams(temperature=1.0, seed=5)
+    probs = np.exp(LOGITS.astype(np.float64) - LOGITS.max())
+    probs /= probs.sum()
+    want = [int(c) for c in np.random.default_rng(5).choice(5, size=1, p=probs)]
+    assert _draws(params, 1) == want

@@ -74,7 +74,7 @@ def test_text_as_image_on_real_weights(smol):
 
 
 def test_clip_l_equals_transformers(smol):
-    pixels = preprocess(load_image(DEMO_IMAGE), smol.config.vision)[None]
+    pixels = torch.from_numpy(preprocess(load_image(DEMO_IMAGE), smol.config.vision))[None]
     assert vision_vs_transformers(smol.vision, smol.vision_tower_path, smol.config, pixels) < 1e-4
 
 

@@ -15,10 +15,9 @@ from saisa_edge.artifacts.manifest import (
 from saisa_edge.artifacts import names as io
 from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.artifacts.schema import build, config_from_json
-from saisa_edge.config import DTYPES, SaisaConfig
+from saisa_edge.config import DTYPE_NAMES, SaisaConfig
 from saisa_edge.errors import SaisaError
 
-DTYPE_NAMES = tuple(DTYPES)
 PRECISIONS = DTYPE_NAMES + ("int8", "fp8")  # what linear layers compute in: a dtype, or a calibration's
 
 
@@ -106,7 +105,7 @@ class Artifact:
 
     path: Path
     config: SaisaConfig
-    dtype: str  # a DTYPES name
+    dtype: str  # a DTYPE_NAMES name
     max_context: int
     precision: str
     details: dict[str, Any]

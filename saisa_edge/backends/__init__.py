@@ -1,41 +1,46 @@
 """Where each backend plugs in: the three stages a runtime needs from a model.
 
-Generation (and, later, caching) is written once against `Backend`; PyTorch runs a
-checkpoint, ONNX Runtime an artifact folder, and TensorRT engines join the same way.
+Generation and caching are written once against `Backend`, on numpy arrays; PyTorch
+runs a checkpoint, ONNX Runtime an artifact folder, TensorRT an engine folder. Opening
+an artifact or engine folder imports neither torch nor the exporter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, cast
 
-import torch
+import numpy as np
 
 from saisa_edge.artifacts import MANIFEST_NAME, Artifact, Engines, open_runnable
 from saisa_edge.config import SaisaConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.tokenizer import PromptTokenizer
-from saisa_edge.model.split import TextCache, VisualKV
+from saisa_edge.runtime.kv import TextCache, VisualKV
+
+Observer = Callable[[str, dict[str, np.ndarray]], None]
+"""`observe(graph, outputs)`: sees every run's named outputs (calibration's statistics)."""
 
 
 class Backend(Protocol):
     name: str
     config: SaisaConfig
-    dtype: torch.dtype
+    dtype: str  # the compute dtype's name (config.DTYPE_NAMES); arrays use runtime.kv.NUMPY_DTYPES[dtype]
     max_context: int
     identity: str  # changes whenever the image path's weights or graphs do (keys the visual cache)
 
-    def vision(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels [B, 3, S, S] -> selected features [B, N_v, mm_hidden]."""
+    def vision(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised pixels [B, 3, S, S] float32 -> selected features [B, N_v, mm_hidden]."""
         ...
 
-    def visual_kv(self, features: torch.Tensor, start: int) -> VisualKV:
+    def visual_kv(self, features: np.ndarray, start: int) -> VisualKV:
         """Features [B, N_v, mm_hidden] -> every layer's visual K/V, RoPE from position `start`."""
         ...
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: TextCache,
-                visual: VisualKV | None) -> tuple[torch.Tensor, TextCache]:
-        """Text ids/positions [B, T] -> logits [B, T, vocab] and the grown text cache."""
+    def forward(self, ids: np.ndarray, positions: np.ndarray, cache: TextCache,
+                visual: VisualKV | None) -> tuple[np.ndarray, TextCache]:
+        """Text ids/positions int64 [B, T] -> logits float32 [B, T, vocab] and the grown text cache."""
         ...
 
 
@@ -87,7 +92,7 @@ def open_model(source: Path | Artifact | Engines, backend: str = "auto", vision_
 def _torch(checkpoint: Path, vision_tower: Path | None, dtype: str) -> tuple[Backend, PromptTokenizer]:
     from saisa_edge.backends.pytorch import TorchBackend
     from saisa_edge.checkpoint.loader import load_checkpoint
-    from saisa_edge.config import DTYPES
+    from saisa_edge.model.dtypes import TORCH_DTYPES
 
-    ckpt = load_checkpoint(checkpoint, vision_tower, DTYPES[dtype])
+    ckpt = load_checkpoint(checkpoint, vision_tower, TORCH_DTYPES[dtype])
     return TorchBackend(ckpt), ckpt.tokenizer

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from saisa_edge.artifacts import MANIFEST_NAME, sha256_file
+from saisa_edge.artifacts import CHECKPOINT_KIND, MANIFEST_NAME, open_folder
 from saisa_edge.checkpoint.tensors import TensorFiles
 from saisa_edge.config import SaisaConfig, VisionConfig, parse_config, parse_vision_config
 from saisa_edge.errors import SaisaError
@@ -30,7 +30,6 @@ from saisa_edge.strict import read_json
 # projector (overwritten at every layer), a copy of the vision tower, RoPE buffers.
 _UNUSED = re.compile(r"^model\.(mm_projector|vision_tower|vision_resampler)\.|\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -74,36 +73,14 @@ def load_vision_config(folder: Path) -> VisionConfig:
 
 
 def verify_manifest(folder: Path) -> str | None:
-    """Check every file of a `make-checkpoint` folder against its manifest (sizes, then sha256,
-    each file hashed once) and return a digest of the checked contents: the checkpoint's
-    identity. None when the folder has no manifest: a checkpoint the user brought.
-
-    Every file in the folder must be listed, so nothing unchecked can be read."""
-    path = folder / MANIFEST_NAME
-    if not path.exists():
+    """Check every file of a `make-checkpoint` folder against its manifest (the format layer's
+    one check: every file listed, paths inside, sizes and sha256, each file hashed once) and
+    return a digest of the checked contents: the checkpoint's identity. None when the folder
+    has no manifest: a checkpoint the user brought."""
+    if not (folder / MANIFEST_NAME).exists():
         return None
-    manifest = read_json(path)
-    files = manifest.get("files")
-    undo = f"restore it, or delete {MANIFEST_NAME} to run the folder as your own checkpoint"
-    if manifest.get("kind") != "checkpoint" or not isinstance(files, dict):
-        raise SaisaError(f"{path}: not a checkpoint manifest (no 'files' table); {undo}")
-    root = folder.resolve()
-    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST_NAME}
-    unlisted = sorted(on_disk - set(files))
-    if unlisted:
-        raise SaisaError(f"{folder / unlisted[0]}: not listed in {MANIFEST_NAME}; remove the file, or delete the "
-                         "manifest to run the folder as your own checkpoint")
-    for name, entry in sorted(files.items()):
-        file = folder / name
-        ok = isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])
-        if not ok or type(entry.get("bytes")) is not int or not file.resolve().is_relative_to(root):
-            raise SaisaError(f"{path}: entry {name[:80]!r} is malformed or points outside the folder; {undo}")
-        if not file.is_file():
-            raise SaisaError(f"{file}: listed in {MANIFEST_NAME} but missing; {undo}")
-        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            raise SaisaError(f"{file}: does not match its checksum in {MANIFEST_NAME} (changed since "
-                             f"make-checkpoint wrote it); {undo}")
-    table = json.dumps({n: files[n]["sha256"] for n in sorted(files)}).encode()
+    files = open_folder(folder, CHECKPOINT_KIND).manifest.files
+    table = json.dumps({n: files[n].sha256 for n in sorted(files)}).encode()
     return hashlib.sha256(table).hexdigest()
 
 

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from saisa_edge.artifacts import atomic_folder, write_manifest
-from saisa_edge.config import DTYPES, VisionConfig, parse_config, parse_vision_config
+from saisa_edge.artifacts import CHECKPOINT_KIND, atomic_folder, write_manifest
+from saisa_edge.config import VisionConfig, parse_config, parse_vision_config
 from saisa_edge.model.clip import ClipVisionModel
+from saisa_edge.model.dtypes import TORCH_DTYPES as DTYPES
 from saisa_edge.model.llama import SaisaLM
 from saisa_edge.progress import say, track
 
@@ -251,7 +252,7 @@ def write_checkpoint(
 ) -> Path:
     """Write `spec` as a LLaVA-style checkpoint folder with its vision tower inside."""
     torch_dtype = DTYPES[dtype]
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, kind=CHECKPOINT_KIND) as tmp:
         config = dict(spec.config, torch_dtype=str(torch_dtype).removeprefix("torch."))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_tensors(tmp, {k: v.to(torch_dtype) for k, v in spec.tensors.items()}, fmt, shard_mb)
@@ -263,5 +264,5 @@ def write_checkpoint(
         (tower / "config.json").write_text(json.dumps(clip_config, indent=2))
         (tower / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
         save_tensors(tower, {k: v.to(torch_dtype) for k, v in spec.vision_tensors.items()}, "safetensors", 0)
-        write_manifest(tmp, "checkpoint", {"preset": preset, "dtype": dtype, "format": fmt, **spec.details})
+        write_manifest(tmp, CHECKPOINT_KIND, {"preset": preset, "dtype": dtype, "format": fmt, **spec.details})
     return out

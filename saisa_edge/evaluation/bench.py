@@ -11,6 +11,7 @@ projector aside, under 1% of LLaVA's prefill).
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -18,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from saisa_edge.backends import Backend
 from saisa_edge.inputs.conversation import Template
 from saisa_edge.inputs.tokenizer import PromptTokenizer
-from saisa_edge.model.split import TextCache
+from saisa_edge.runtime.kv import TextCache
 from saisa_edge.runtime.session import Request, Session
 from saisa_edge.runtime.visual_cache import VisualCache
 
@@ -58,7 +59,7 @@ def _best(runs: list[dict[str, float]], key: str) -> float:
     return min(r[key] for r in runs)
 
 
-def _saisa(backend: Backend, tokenizer: PromptTokenizer, template: Template, pixels: torch.Tensor, text: int,
+def _saisa(backend: Backend, tokenizer: PromptTokenizer, template: Template, pixels: np.ndarray, text: int,
            batch: int, decode: int, repeats: int) -> tuple[Point, int]:
     question = _question(tokenizer, text)
     requests = [Request(question, pixels, max_new_tokens=decode + 1)] * batch
@@ -81,24 +82,24 @@ def _saisa(backend: Backend, tokenizer: PromptTokenizer, template: Template, pix
     return point, cache_bytes
 
 
-def _llava(backend: Backend, pixels: torch.Tensor, prompt: int, batch: int, decode: int, repeats: int) -> Point:
+def _llava(backend: Backend, pixels: np.ndarray, prompt: int, batch: int, decode: int, repeats: int) -> Point:
     cfg = backend.config
     n = cfg.num_visual_tokens + prompt
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        backend.vision(pixels[None].expand(batch, -1, -1, -1))
+        backend.vision(np.broadcast_to(pixels[None], (batch, *pixels.shape)))
         vision = time.perf_counter() - t0
-        ids = torch.zeros(batch, n, dtype=torch.long)
-        pos = torch.arange(n).repeat(batch, 1)
+        ids = np.zeros((batch, n), dtype=np.int64)
+        pos = np.tile(np.arange(n, dtype=np.int64), (batch, 1))
         t1 = time.perf_counter()
         logits, cache = backend.forward(ids, pos, TextCache.empty(cfg.text, batch, backend.dtype), None)
         prefill = time.perf_counter() - t1
         first = time.perf_counter() - t0
         t2 = time.perf_counter()
         for step in range(decode):
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            logits, cache = backend.forward(token, torch.full((batch, 1), n + step), cache, None)
+            token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            logits, cache = backend.forward(token, np.full((batch, 1), n + step, dtype=np.int64), cache, None)
         runs.append({"vision": vision * 1000, "prefill": prefill * 1000, "first": first * 1000,
                      "decode": (time.perf_counter() - t2) * 1000})
     return Point("llava-1.5", prompt, batch, _best(runs, "first"), None, _best(runs, "vision"), 0.0,
@@ -107,7 +108,7 @@ def _llava(backend: Backend, pixels: torch.Tensor, prompt: int, batch: int, deco
                  {"vision": _best(runs, "vision"), "visual_kv": 0.0, "prefill": _best(runs, "prefill")})
 
 
-def bench(backend: Backend, tokenizer: PromptTokenizer, template: Template, pixels: torch.Tensor,
+def bench(backend: Backend, tokenizer: PromptTokenizer, template: Template, pixels: np.ndarray,
           prompt_lengths: tuple[int, ...], batches: tuple[int, ...], decode: int, repeats: int,
           progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     points: list[Point] = []
@@ -119,8 +120,8 @@ def bench(backend: Backend, tokenizer: PromptTokenizer, template: Template, pixe
             points += [point, _llava(backend, pixels, point.prompt_tokens, batch, decode, repeats)]
     pairs = [(a, b) for a, b in zip(points[::2], points[1::2])]
     return {
-        "backend": backend.name, "dtype": str(backend.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "decode_tokens": decode, "repeats": repeats,
+        "backend": backend.name, "dtype": backend.dtype, "threads": os.cpu_count(), "decode_tokens": decode,
+        "repeats": repeats,
         "visual_tokens": backend.config.num_visual_tokens,
         "visual_cache_bytes_per_image": cache_bytes,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.comparator.struct import IterationResult
 from polygraphy.logger import G_LOGGER
@@ -25,7 +24,7 @@ from saisa_edge.calibration.data import Pair
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.conversation import Template
 from saisa_edge.inputs.tokenizer import PromptTokenizer
-from saisa_edge.model.split import TextCache, VisualKV, text_layout
+from saisa_edge.runtime.kv import TextCache, VisualKV, text_layout
 from saisa_edge.runtime.sampling import SamplingParams
 from saisa_edge.runtime.session import Request, Session, common_prefix, user_message
 from saisa_edge.runtime.visual_cache import VisualCache
@@ -66,13 +65,17 @@ class StageError:
     cosine: float
 
     @classmethod
-    def of(cls, name: str, ref: torch.Tensor, out: torch.Tensor) -> "StageError":
-        a, b = ref.float().numpy(), out.float().numpy()
+    def of(cls, name: str, ref: np.ndarray, out: np.ndarray) -> "StageError":
+        a, b = ref.astype(np.float32), out.astype(np.float32)
         compare = SimpleCompareFunc(check_shapes=True, rtol=0.0, atol=np.inf)
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
             r = compare(IterationResult({name: a}, runner_name="reference"),
                         IterationResult({name: b}, runner_name="candidate"))[name]
         return cls(float(r.max_absdiff), float(r.mean_absdiff), float(r.max_reldiff), _cosine(a.ravel(), b.ravel()))
+
+
+def _flat(*arrays: np.ndarray) -> np.ndarray:
+    return np.concatenate([a.astype(np.float32).ravel() for a in arrays])
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -168,7 +171,6 @@ def _greedy_match(a: list[int], b: list[int]) -> float:
     return common_prefix(a, b) / longest if longest else 1.0
 
 
-@torch.no_grad()
 def compare_pair(reference: Backend, candidate: Backend, tokenizer: PromptTokenizer, template: Template,
                  pair: Pair, kv_storage: str = "native") -> SampleReport:
     """One pair; `kv_storage` stores the candidate's visual K/V as the cache would (int8/fp8)."""
@@ -179,30 +181,29 @@ def compare_pair(reference: Backend, candidate: Backend, tokenizer: PromptTokeni
     text, positions, start = text_layout(ids, cfg.num_visual_tokens)
     ref_kv = reference.visual_kv(ref_feats, start)
     alone_kv = candidate.visual_kv(ref_feats, start)
-    layers = [StageError.of("visual_kv", torch.cat([r.flatten(), v.flatten()]), torch.cat([a.flatten(), b.flatten()]))
+    layers = [StageError.of("visual_kv", _flat(r, v), _flat(a, b))
               for r, v, a, b in zip(ref_kv.keys, ref_kv.values, alone_kv.keys, alone_kv.values)]
     worst = max(range(len(layers)), key=lambda i: layers[i].max_abs)
     everything = StageError.of(
-        "visual_kv", torch.cat([t.flatten() for t in (*ref_kv.keys, *ref_kv.values)]),
-        torch.cat([t.flatten() for t in (*alone_kv.keys, *alone_kv.values)]))
+        "visual_kv", _flat(*ref_kv.keys, *ref_kv.values), _flat(*alone_kv.keys, *alone_kv.values))
 
     ref_cache, _ = _seeded_cache(reference, pair, start, ref_kv)
     ref_tokens = _greedy(reference, tokenizer, template, pair, ref_cache)
     forced = text + ref_tokens[:-1] if ref_tokens else text
     forced_pos = positions + [positions[-1] + 1 + i for i in range(len(forced) - len(text))]
     steps = slice(len(text) - 1, len(forced))
-    ids_t, pos_t = torch.tensor([forced]), torch.tensor([forced_pos])
+    ids_t, pos_t = np.array([forced], dtype=np.int64), np.array([forced_pos], dtype=np.int64)
 
-    def logits(backend: Backend, kv: Any) -> torch.Tensor:
+    def logits(backend: Backend, kv: Any) -> np.ndarray:
         out, _ = backend.forward(ids_t, pos_t, TextCache.empty(cfg.text, 1, backend.dtype), kv)
-        return out[0, steps].float()
+        return out[0, steps].astype(np.float32)
 
     ref_logits = logits(reference, ref_kv)
     decoder_alone = logits(candidate, ref_kv)
     cand_cache, stored = _seeded_cache(candidate, pair, start, candidate.visual_kv(cand_feats, start), kv_storage)
     end_to_end = logits(candidate, stored)
-    cosines = [_cosine(a.numpy(), b.numpy()) for a, b in zip(ref_logits, end_to_end)]
-    top1 = float((ref_logits.argmax(-1) == end_to_end.argmax(-1)).float().mean())
+    cosines = [_cosine(a, b) for a, b in zip(ref_logits, end_to_end)]
+    top1 = float((ref_logits.argmax(-1) == end_to_end.argmax(-1)).mean())
     cand_tokens = _greedy(candidate, tokenizer, template, pair, cand_cache)
     return SampleReport(
         image=str(pair.image), prompt=pair.prompt,

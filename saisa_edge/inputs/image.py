@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from saisa_edge.config import VisionConfig
@@ -130,8 +129,8 @@ def crop_aspect(img: Image.Image, ratio: float) -> Image.Image:
                     (0, (h - keep) // 2, w, (h - keep) // 2 + keep))
 
 
-def preprocess(img: Image.Image, cfg: VisionConfig, pad: bool = True) -> torch.Tensor:
-    """RGB image -> normalised pixels [3, crop, crop] in fp32.
+def preprocess(img: Image.Image, cfg: VisionConfig, pad: bool = True) -> np.ndarray:
+    """RGB image -> normalised pixels [3, crop, crop] float32 (numpy: the runtime needs no torch).
 
     Exactly LLaVA's arithmetic for any image whose padded square side is at most `EXACT_SIDE`
     (or whose aspect ratio stays under EXACT_SIDE**2 / shortest_edge**2 without padding);
@@ -150,4 +149,4 @@ def preprocess(img: Image.Image, cfg: VisionConfig, pad: bool = True) -> torch.T
     img = img.crop((left, top, left + c, top + c))
     mean, std = np.asarray(cfg.image_mean, np.float32), np.asarray(cfg.image_std, np.float32)
     x = (np.asarray(img, dtype=np.float32) * np.float32(1 / 255) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from saisa_edge.config import RopeScaling, TextConfig
+from saisa_edge.config import TextConfig
+from saisa_edge.runtime.rope import inverse_frequencies as frequencies
 
 
 def inverse_frequencies(cfg: TextConfig) -> torch.Tensor:
-    """Per-pair rotation frequencies, with `linear` or `llama3` scaling applied."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    s = cfg.rope_scaling
-    if s is None:
-        return inv.float()
-    if s.kind == "linear":
-        return (inv / s.factor).float()
-    return _llama3(inv, s).float()
-
-
-def _llama3(inv: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    """LLaMA-3.1 scaling: long wavelengths divided by `factor`, short ones kept, smooth between."""
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+    """Per-pair rotation frequencies (fp32), with `linear` or `llama3` scaling applied: the
+    runtime's definition, so the reference and the runtime rotate by the same angles."""
+    return torch.from_numpy(frequencies(cfg))
 
 
 def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,9 @@ position of its first token only, so they are computed once and then read as a
 fixed, all-visible segment by every text token after the image. Text tokens keep
 an ordinary causal K/V cache. Which text token may see the visual segment follows
 from positions alone: exactly those at or after the image's end. Padding, too, is a
-position: PAD_POSITION, after every real token, so no real query ever sees it.
+position: PAD_POSITION, after every real token, so no real query ever sees it. The
+positions and the padding convention are the runtime's (`runtime.kv`), which the
+reference shares.
 """
 
 from __future__ import annotations
@@ -14,20 +16,19 @@ from dataclasses import dataclass
 
 import torch
 
-from saisa_edge import IMAGE_TOKEN_INDEX
 from saisa_edge.config import TextConfig
-from saisa_edge.model import rope
 from saisa_edge.model.attention import attend
 from saisa_edge.model.llama import SaisaLM
+from saisa_edge.runtime.kv import PAD_POSITION, text_layout
 
-PAD_POSITION = 2**30
-"""Position of padding tokens (and the end of a missing image): after every real position."""
+__all__ = ["PAD_POSITION", "TextCache", "VisualKV", "forward_text", "text_layout", "visual_kv"]
 
 
 @dataclass(frozen=True)
 class VisualKV:
-    """Read-only per-image keys/values, one [images, kv_heads, N_v, head_dim] per layer,
-    and each image's first position [images] (1 image: shared by a whole batch)."""
+    """The reference's per-image keys/values as torch tensors, one [images, kv_heads, N_v,
+    head_dim] per layer, and each image's first position [images] (the runtime's numpy
+    twin, with caching and batching, is `runtime.kv.VisualKV`)."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
@@ -42,35 +43,11 @@ class VisualKV:
         """Position of the first text token after each image."""
         return self.starts + self.length
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
-    def moved_to(self, cfg: TextConfig, start: int) -> "VisualKV":
-        """The same image placed at `start`: RoPE_{s+d}(k) = R(d) RoPE_s(k), values unchanged."""
-        delta = start - int(self.starts[0])
-        if len(self.starts) != 1:
-            raise ValueError("only a single image's K/V can be moved")
-        if delta == 0:
-            return self
-        cos, sin = rope.cos_sin(rope.inverse_frequencies(cfg), torch.tensor([[delta]]), torch.float32)
-        keys = tuple(rope.apply(k.float(), cos, sin).to(k.dtype) for k in self.keys)
-        return VisualKV(keys, self.values, torch.tensor([start]))
-
-    @staticmethod
-    def batch(rows: "list[VisualKV | None]") -> "VisualKV":
-        """One image per batch row (zeros and PAD_POSITION where a row has none)."""
-        some = next(r for r in rows if r is not None)
-        blank = [torch.zeros_like(k) for k in some.keys]
-        keys = tuple(torch.cat([r.keys[i] if r else blank[i] for r in rows]) for i in range(len(blank)))
-        values = tuple(torch.cat([r.values[i] if r else blank[i] for r in rows]) for i in range(len(blank)))
-        starts = torch.cat([r.starts if r else torch.tensor([PAD_POSITION - some.length]) for r in rows])
-        return VisualKV(keys, values, starts)
-
 
 @dataclass(frozen=True)
 class TextCache:
-    """Causal text K/V, one [batch, kv_heads, T, head_dim] per layer, and each entry's position [batch, T]."""
+    """The reference's causal text K/V, one [batch, kv_heads, T, head_dim] per layer, and
+    each entry's position [batch, T] (the runtime's twin: `runtime.kv.TextCache`)."""
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
@@ -85,11 +62,6 @@ class TextCache:
     @property
     def length(self) -> int:
         return self.positions.shape[1]
-
-    def truncated(self, n: int) -> "TextCache":
-        """The first `n` entries (views, no copies)."""
-        return TextCache(tuple(k[:, :, :n] for k in self.keys), tuple(v[:, :, :n] for v in self.values),
-                         self.positions[:, :n])
 
 
 @torch.no_grad()
@@ -146,15 +118,3 @@ def forward_text(
             v = torch.cat((visual.values[i].expand(b, -1, -1, -1), v), dim=2)
         x = layer.residual(x, attend(q, k, v, mask))
     return lm.logits(x), TextCache(tuple(keys), tuple(values), key_pos)
-
-
-def text_layout(ids: list[int], n_visual: int) -> tuple[list[int], list[int], int]:
-    """Prompt ids with at most one image marker -> (text ids, their positions, image start).
-
-    Text before the image sits at 0..s-1, the image at s..s+N_v-1, text after it from
-    s+N_v on. Without a marker the image start is the prompt length (nothing follows it).
-    """
-    start = ids.index(IMAGE_TOKEN_INDEX) if IMAGE_TOKEN_INDEX in ids else len(ids)
-    text = [i for i in ids if i != IMAGE_TOKEN_INDEX]
-    positions = list(range(start)) + list(range(start + n_visual, start + n_visual + len(text) - start))
-    return text, positions, start

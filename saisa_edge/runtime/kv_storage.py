@@ -11,53 +11,54 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import ml_dtypes
+import numpy as np
 
-from saisa_edge.model.split import VisualKV
+from saisa_edge.runtime.kv import NUMPY_DTYPES, VisualKV
 
 STORAGES = ("native", "int8", "fp8")
-_QUANT = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+_QUANT = {"int8": (np.dtype(np.int8), 127.0), "fp8": (np.dtype(ml_dtypes.float8_e4m3fn), 448.0)}
 
 
 @dataclass(frozen=True)
 class PackedKV:
     storage: str
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    key_scales: tuple[torch.Tensor, ...]  # [B, KV, 1, D] per layer; empty when native
-    value_scales: tuple[torch.Tensor, ...]  # [B, KV, N, 1]
-    starts: torch.Tensor
+    keys: tuple[np.ndarray, ...]
+    values: tuple[np.ndarray, ...]
+    key_scales: tuple[np.ndarray, ...]  # [B, KV, 1, D] fp16 per layer; empty when native
+    value_scales: tuple[np.ndarray, ...]  # [B, KV, N, 1] fp16
+    starts: np.ndarray
     native: VisualKV | None = None  # the entry itself when stored as computed: hits share it
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for group in (self.keys, self.values, self.key_scales,
-                                                              self.value_scales) for t in group)
+        return sum(t.nbytes for group in (self.keys, self.values, self.key_scales, self.value_scales)
+                   for t in group)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Named tensors, for a file."""
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays, for a file."""
         named = {}
         for kind, group in (("key", self.keys), ("value", self.values), ("key_scale", self.key_scales),
                             ("value_scale", self.value_scales)):
-            named.update({f"{kind}.{i}": t.contiguous() for i, t in enumerate(group)})
+            named.update({f"{kind}.{i}": np.ascontiguousarray(t) for i, t in enumerate(group)})
         return named
 
     @classmethod
-    def from_tensors(cls, storage: str, named: dict[str, torch.Tensor], layers: int, start: int) -> "PackedKV":
-        def group(kind: str, n: int) -> tuple[torch.Tensor, ...]:
+    def from_arrays(cls, storage: str, named: dict[str, np.ndarray], layers: int, start: int) -> "PackedKV":
+        def group(kind: str, n: int) -> tuple[np.ndarray, ...]:
             return tuple(named[f"{kind}.{i}"] for i in range(n))
 
         scaled = 0 if storage == "native" else layers
         return cls(storage, group("key", layers), group("value", layers), group("key_scale", scaled),
-                   group("value_scale", scaled), torch.tensor([start]))
+                   group("value_scale", scaled), np.array([start], dtype=np.int64))
 
 
-def _quantize(x: torch.Tensor, dim: int, storage: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(x: np.ndarray, axis: int, storage: str) -> tuple[np.ndarray, np.ndarray]:
     dtype, top = _QUANT[storage]
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=dim, keepdim=True) / top).clamp_min(1e-8)
-    q = (x32 / scale).clamp(-top, top)
-    return (q.round().to(dtype) if storage == "int8" else q.to(dtype)), scale.to(torch.float16)
+    x32 = x.astype(np.float32)
+    scale = np.maximum(np.abs(x32).max(axis=axis, keepdims=True) / np.float32(top), np.float32(1e-8))
+    q = np.clip(x32 / scale, -top, top)
+    return (np.rint(q) if storage == "int8" else q).astype(dtype), scale.astype(np.float16)
 
 
 def pack(kv: VisualKV, storage: str) -> PackedKV:
@@ -69,9 +70,11 @@ def pack(kv: VisualKV, storage: str) -> PackedKV:
                     tuple(s for _, s in keys), tuple(s for _, s in values), kv.starts)
 
 
-def unpack(p: PackedKV, dtype: torch.dtype) -> VisualKV:
+def unpack(p: PackedKV, dtype: str) -> VisualKV:
     if p.storage == "native":
         return p.native or VisualKV(p.keys, p.values, p.starts)
-    keys = tuple((q.float() * s.float()).to(dtype) for q, s in zip(p.keys, p.key_scales))
-    values = tuple((q.float() * s.float()).to(dtype) for q, s in zip(p.values, p.value_scales))
+    to = NUMPY_DTYPES[dtype]
+    keys = tuple((q.astype(np.float32) * s.astype(np.float32)).astype(to) for q, s in zip(p.keys, p.key_scales))
+    values = tuple((q.astype(np.float32) * s.astype(np.float32)).astype(to)
+                   for q, s in zip(p.values, p.value_scales))
     return VisualKV(keys, values, p.starts)

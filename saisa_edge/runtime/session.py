@@ -15,14 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
 from saisa_edge import IMAGE_PLACEHOLDER
 from saisa_edge.backends import Backend
 from saisa_edge.errors import SaisaError
 from saisa_edge.inputs.conversation import Template
+from saisa_edge.inputs.text import check_prompt
 from saisa_edge.inputs.tokenizer import PromptTokenizer
-from saisa_edge.model.split import PAD_POSITION, TextCache, VisualKV, text_layout
+from saisa_edge.runtime.kv import PAD_POSITION, TextCache, VisualKV, text_layout
 from saisa_edge.runtime.sampling import SamplingParams, make_generator, sample
 from saisa_edge.runtime.stream import TextStream
 from saisa_edge.runtime.visual_cache import VisualCache
@@ -33,9 +34,22 @@ OnText = Callable[[str], None]
 @dataclass(frozen=True)
 class Request:
     question: str
-    pixels: torch.Tensor | None = None  # preprocessed [3, S, S]
+    pixels: np.ndarray | None = None  # preprocessed [3, S, S] float32
     params: SamplingParams = SamplingParams()
     max_new_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        check_max_new_tokens(self.max_new_tokens)
+        if not isinstance(self.question, str):
+            raise SaisaError(f"--prompt: give text, not {type(self.question).__name__}")
+        check_prompt(self.question)
+        if not isinstance(self.params, SamplingParams):
+            raise SaisaError("params: give a SamplingParams")
+
+
+def check_max_new_tokens(n: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SaisaError(f"--max-new-tokens {n}: give an integer >= 1")
 
 
 @dataclass
@@ -87,6 +101,11 @@ class _Row:
     finish: str | None = None
 
 
+def _ids(rows: list[int] | list[list[int]]) -> np.ndarray:
+    """Token ids or positions as the int64 array backends take."""
+    return np.array(rows, dtype=np.int64)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading ids `a` and `b` share."""
     n = 0
@@ -115,8 +134,12 @@ class Session:
         return self.generate_batch([request], [on_text])[0]
 
     def generate_batch(self, requests: list[Request], on_text: list[OnText | None] | None = None) -> list[Result]:
-        """Several requests in one batch (same or different images, any lengths)."""
+        """Several requests in one batch (same or different images, any lengths; none: no results)."""
+        if not requests:
+            return []
         callbacks = on_text or [None] * len(requests)
+        if len(callbacks) != len(requests):
+            raise SaisaError(f"on_text: {len(callbacks)} callbacks for {len(requests)} requests")
         rows = [self._row(self._prompt_ids([(user_message(r.question, r.pixels is not None), None)]), r, cb)
                 for r, cb in zip(requests, callbacks)]
         if len(rows) == 1 and rows[0].visual is not None:
@@ -125,7 +148,7 @@ class Session:
             self._run(rows, None)
         return [self._result(r) for r in rows]
 
-    def chat(self, pixels: torch.Tensor | None = None) -> "Chat":
+    def chat(self, pixels: np.ndarray | None = None) -> "Chat":
         return Chat(self, pixels)
 
     # --- internals ------------------------------------------------------------------------
@@ -137,6 +160,11 @@ class Session:
              visual: VisualKV | None = None) -> _Row:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        if request.pixels is not None:
+            c = self.backend.config.vision.crop_size
+            if not isinstance(request.pixels, np.ndarray) or request.pixels.shape != (3, c, c):
+                raise SaisaError(f"pixels: give a numpy array [3, {c}, {c}] (saisa_edge.inputs.image.preprocess), "
+                                 f"not {type(request.pixels).__name__} {getattr(request.pixels, 'shape', '')}")
         n_visual = self.backend.config.num_visual_tokens if request.pixels is not None else 0
         n_text = len(ids) - (1 if n_visual else 0)
         if n_text + n_visual >= self.backend.max_context:
@@ -155,7 +183,7 @@ class Session:
         return _Row(ids, text, positions, start, visual, status, request.params, request.max_new_tokens,
                     stream, t0, timings)
 
-    def _visual(self, pixels: torch.Tensor, start: int, timings: dict[str, float]) -> tuple[VisualKV, str]:
+    def _visual(self, pixels: np.ndarray, start: int, timings: dict[str, float]) -> tuple[VisualKV, str]:
         def compute() -> VisualKV:
             t = time.perf_counter()
             features = self.backend.vision(pixels[None])
@@ -186,9 +214,7 @@ class Session:
         key = tuple(row.text[: row.start])
         with self._lock:
             if key and key not in self._prefixes:
-                kept = cache.truncated(len(key))  # copied: a view would keep the whole prompt's K/V alive
-                self._prefixes[key] = TextCache(tuple(k.clone() for k in kept.keys),
-                                                tuple(v.clone() for v in kept.values), kept.positions.clone())
+                self._prefixes[key] = cache.truncated(len(key)).copy()  # a view would keep the prompt's K/V alive
                 while len(self._prefixes) > self._prefix_entries:
                     self._prefixes.popitem(last=False)
 
@@ -213,17 +239,16 @@ class Session:
             if reuse is not None:
                 kept = min(common_prefix(row.text, reuse[0]), len(row.text) - 1)
                 cache = reuse[1].truncated(kept)
-            logits, cache = backend.forward(torch.tensor([row.text[kept:]]), torch.tensor([row.positions[kept:]]),
-                                            cache, visual)
+            logits, cache = backend.forward(_ids([row.text[kept:]]), _ids([row.positions[kept:]]), cache, visual)
             if row.visual is not None:
                 self._keep_prefix(row, cache)
             last = logits[:, -1]
         else:
             width = max(len(r.text) for r in rows)
-            ids = torch.tensor([r.text + [0] * (width - len(r.text)) for r in rows])
-            pos = torch.tensor([r.positions + [PAD_POSITION] * (width - len(r.text)) for r in rows])
+            ids = _ids([r.text + [0] * (width - len(r.text)) for r in rows])
+            pos = _ids([r.positions + [PAD_POSITION] * (width - len(r.text)) for r in rows])
             logits, cache = backend.forward(ids, pos, TextCache.empty(cfg, len(rows), dtype), visual)
-            last = logits[torch.arange(len(rows)), torch.tensor([len(r.text) - 1 for r in rows])]
+            last = logits[np.arange(len(rows)), [len(r.text) - 1 for r in rows]]
         prefill_ms = (time.perf_counter() - t_prefill) * 1000
         for r in rows:
             r.timings["prefill"] = prefill_ms
@@ -245,8 +270,7 @@ class Session:
                 feed_pos.append(next_pos[i] if r.finish is None else PAD_POSITION)
             if all(r.finish is not None for r in rows):
                 break
-            logits, cache = backend.forward(torch.tensor(feed_ids)[:, None], torch.tensor(feed_pos)[:, None],
-                                            cache, visual)
+            logits, cache = backend.forward(_ids(feed_ids)[:, None], _ids(feed_pos)[:, None], cache, visual)
             last = logits[:, -1]
             held.append(feed_ids[0])
             next_pos = [p + 1 if r.finish is None else p for p, r in zip(next_pos, rows)]
@@ -275,11 +299,11 @@ class Session:
 class Chat:
     """A conversation: the text K/V stays between turns, the image's K/V for the whole chat."""
 
-    def __init__(self, session: Session, pixels: torch.Tensor | None = None):
+    def __init__(self, session: Session, pixels: np.ndarray | None = None):
         self.session = session
         self.reset(pixels)
 
-    def reset(self, pixels: torch.Tensor | None = None) -> None:
+    def reset(self, pixels: np.ndarray | None = None) -> None:
         self.pixels = pixels
         self.turns: list[tuple[str, str | None]] = []
         self._cache: tuple[list[int], TextCache] | None = None
