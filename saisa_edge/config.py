@@ -132,38 +132,6 @@ class SaisaConfig:
         return self.vision.num_patches + (1 if self.mm.select_feature == "cls_patch" else 0)
 
 
-def _rope_scaling(raw: dict[str, Any] | None, where: str) -> RopeScaling | None:
-    """`rope_scaling` (or transformers 5's `rope_parameters`): every field the type needs, nothing else."""
-    if not raw:
-        return None
-    kind = raw.get("rope_type", raw.get("type"))
-    if kind in (None, "default"):
-        return None
-    needs = {"linear": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-    if kind not in needs:
-        raise SaisaError(f"{where}: rope_scaling type {kind!r} (field rope_scaling.rope_type) is not implemented; "
-                         "supported: linear, llama3")
-    missing = [f for f in needs[kind] if f not in raw]
-    unknown = sorted(set(raw) - {"rope_type", "type", "rope_theta", *needs[kind]})
-    if missing:
-        raise SaisaError(f"{where}: rope_scaling ({kind}) lacks {', '.join(missing)}")
-    if unknown:
-        raise SaisaError(f"{where}: rope_scaling ({kind}) has unknown fields {', '.join(unknown)}")
-    values = []
-    for f in needs[kind]:
-        if isinstance(raw[f], bool) or not isinstance(raw[f], (int, float)) or raw[f] <= 0:
-            raise SaisaError(f"{where}: rope_scaling.{f} must be a positive number, not {raw[f]!r}")
-        values.append(float(raw[f]))
-    if kind == "linear":
-        return RopeScaling("linear", values[0])
-    factor, low, high, original = values
-    if low >= high or original != int(original):
-        raise SaisaError(f"{where}: rope_scaling needs low_freq_factor < high_freq_factor and an integer "
-                         f"original_max_position_embeddings (got {low}, {high}, {raw['original_max_position_embeddings']})")
-    return RopeScaling("llama3", factor, low, high, int(original))
-
-
 _LAYERS = 1024
 _HEADS = 1024
 _WIDTH = 1 << 18
@@ -177,29 +145,39 @@ several times the largest released model of its kind (LLaMA-3.1-405B: 126 layers
 37 patches a side)."""
 
 
-def _rope_fields(raw: Any, where: str, name: str) -> dict[str, Any] | None:
-    """`rope_scaling` (or `rope_parameters`) type-checked, so `_rope_scaling` reads clean values."""
+_ROPE_NEEDS = {"linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope_scaling(raw: Any, where: str, name: str = "rope_scaling") -> RopeScaling | None:
+    """`rope_scaling` (or transformers 5's `rope_parameters`): a JSON object whose type is one
+    this toolkit implements, with every field that type needs, typed and bounded, and nothing else."""
     if raw is None:
         return None
     what = f"{where}: field {name!r}"
     raw = strict.mapping(raw, what)
     kind = raw.get("rope_type", raw.get("type"))
-    if kind is not None:
-        strict.string(kind, f"{what} type", max_len=64)
-    checked = dict(raw)
-    if kind in ("linear", "llama3") and "factor" not in raw:
-        raise SaisaError(f"{what}: rope type {kind!r} needs a 'factor'")
-    for key in ("factor", "low_freq_factor", "high_freq_factor"):
-        if key in raw:
-            checked[key] = strict.number(raw[key], f"{what} {key}", 0, 1e6, open_lo=True)
-    if "original_max_position_embeddings" in raw:
-        strict.integer(raw["original_max_position_embeddings"], f"{what} original_max_position_embeddings",
-                       1, _POSITIONS)
-    if checked.get("high_freq_factor", 4.0) <= checked.get("low_freq_factor", 1.0) and kind == "llama3":
-        raise SaisaError(f"{what}: high_freq_factor must be greater than low_freq_factor")
-    if "rope_theta" in raw:
-        strict.number(raw["rope_theta"], f"{what} rope_theta", 0, 1e12, open_lo=True)
-    return checked
+    if kind is None or strict.string(kind, f"{what} type", max_len=64) == "default":
+        return None
+    if kind not in _ROPE_NEEDS:
+        raise SaisaError(f"{where}: {name} type {kind!r} (field {name}.rope_type) is not implemented; "
+                         "supported: linear, llama3")
+    needs = _ROPE_NEEDS[kind]
+    missing = [f for f in needs if f not in raw]
+    unknown = sorted(set(raw) - {"rope_type", "type", "rope_theta", *needs})
+    if missing:
+        raise SaisaError(f"{where}: {name} ({kind}) lacks {', '.join(missing)}")
+    if unknown:
+        raise SaisaError(f"{where}: {name} ({kind}) has unknown fields {', '.join(unknown)}")
+    factors = [strict.number(raw[f], f"{what} {f}", 0, 1e6, open_lo=True) for f in needs if f.endswith("factor")]
+    if kind == "linear":
+        return RopeScaling("linear", factors[0])
+    factor, low, high = factors
+    if high <= low:
+        raise SaisaError(f"{what}: high_freq_factor must be greater than low_freq_factor (got {low}, {high})")
+    original = strict.integer(raw["original_max_position_embeddings"], f"{what} original_max_position_embeddings",
+                              1, _POSITIONS)
+    return RopeScaling("llama3", factor, low, high, original)
 
 
 def _eos_ids(value: Any, where: str) -> tuple[int, ...]:
@@ -235,10 +213,14 @@ def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
     if hidden_act != "silu":
         raise SaisaError(f"{where}: hidden_act {hidden_act!r} is not supported (LLaMA uses 'silu')")
 
-    rope_params = _rope_fields(f.raw_value("rope_parameters"), where, "rope_parameters") or {}
-    rope_theta = f.number("rope_theta", float(rope_params.get("rope_theta", 10000.0)), 0, 1e12, open_lo=True)
-    rope_scaling = _rope_scaling(_rope_fields(f.raw_value("rope_scaling"), where, "rope_scaling") or rope_params,
-                                 where)
+    rope_params = strict.mapping(f.raw_value("rope_parameters") or {}, f"{where}: field 'rope_parameters'")
+    rope_theta = f.number("rope_theta", None, 0, 1e12, open_lo=True)
+    if rope_theta is None:
+        rope_theta = strict.number(rope_params.get("rope_theta", 10000.0), f"{where}: field 'rope_parameters' "
+                                   "rope_theta", 0, 1e12, open_lo=True)
+    scaling = f.raw_value("rope_scaling")
+    rope_scaling = _rope_scaling(scaling, where) if scaling is not None else _rope_scaling(
+        rope_params, where, "rope_parameters")
     eos_ids = _eos_ids(f.raw.pop("eos_token_id", 2), where)
 
     text = TextConfig(

@@ -43,6 +43,6 @@ def test_export_side_commands_name_the_extra(tiny_dir, tmp_path):
     for command, (code, err) in zip(commands[:-1], results[:-1]):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, (command, err)
-        assert "needs onnx, transformers" in lines[0] and "pip install 'saisa-edge[export]'" in lines[0], lines[0]
+        assert "needs torch, onnx, transformers" in lines[0] and "pip install 'saisa-edge[export]'" in lines[0], lines[0]
     assert results[-1][0] == 0 and "saisa-edge[export]" not in results[-1][1]
     assert not any(tmp_path.iterdir())

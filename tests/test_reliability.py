@@ -56,12 +56,14 @@ _CONFIG_CASES = [
     ({"eos_token_id": "2"}, "'eos_token_id' must be an integer"),
     ({"eos_token_id": [2, 2.5]}, "'eos_token_id' must be an integer"),
     ({"rope_scaling": "linear"}, "'rope_scaling' must be a JSON object"),
-    ({"rope_scaling": {"type": "linear"}}, "rope type 'linear' needs a 'factor'"),
+    ({"rope_scaling": {"type": "linear"}}, r"rope_scaling \(linear\) lacks factor"),
     ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "'rope_scaling' factor must be a finite number > 0"),
     ({"rope_scaling": {"type": "linear", "factor": "2"}}, "'rope_scaling' factor must be a finite number > 0"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0}},
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}},
      "high_freq_factor must be greater than low_freq_factor"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192.5}},
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192.5}},
      "original_max_position_embeddings must be an integer"),
     ({"rope_scaling": {"type": 3, "factor": 2.0}}, "'rope_scaling' type must be a non-empty string"),
     ({"mm_vision_tower": None}, "no mm_vision_tower"),
@@ -339,7 +341,7 @@ def test_manifest_covers_every_file(tmp_path, tiny_dir):
     ck = tmp_path / "c"
     shutil.copytree(tiny_dir, ck)
     (ck / TOWER_DIR / "extra.safetensors").write_bytes(b"")
-    with pytest.raises(SaisaError, match="extra.safetensors: not listed in saisa-edge-manifest.json"):
+    with pytest.raises(SaisaError, match="extra.safetensors: not covered by saisa-edge-manifest.json's checksums"):
         open_checkpoint(ck)
 
 
@@ -350,7 +352,7 @@ def test_malformed_manifest_entries(tmp_path, tiny_dir, entry):
     manifest = json.loads((ck / MANIFEST_NAME).read_text())
     manifest["files"]["config.json"] = entry
     (ck / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(SaisaError, match="entry 'config.json' is malformed"):
+    with pytest.raises(SaisaError, match=r"files\['config.json'\] is not \{sha256: 64 hex digits, bytes: a size\}"):
         open_checkpoint(ck)
 
 
@@ -361,16 +363,17 @@ def test_manifest_paths_stay_inside(tmp_path, tiny_dir):
     manifest["files"]["../outside.txt"] = {"sha256": "0" * 64, "bytes": 0}
     (tmp_path / "outside.txt").write_text("")
     (ck / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(SaisaError, match="'../outside.txt' is malformed or points outside the folder"):
+    with pytest.raises(SaisaError, match="'../outside.txt' leaves the folder .*every path must stay inside it"):
         open_checkpoint(ck)
 
 
 def test_manifest_is_hashed_once_per_load(tmp_path, tiny_dir, monkeypatch):
-    from saisa_edge.checkpoint import loader
+    from saisa_edge.artifacts import manifest
 
     seen: list[Path] = []
-    real = loader.sha256_file
-    monkeypatch.setattr(loader, "sha256_file", lambda p: seen.append(p) or real(p))
+
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: seen.append(p) or real(p))
     load_checkpoint(tiny_dir)
     assert len(seen) == len(set(seen)) == len(json.loads((tiny_dir / MANIFEST_NAME).read_text())["files"])
 

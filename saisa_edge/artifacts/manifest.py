@@ -84,6 +84,10 @@ def write_manifest(folder: Path, kind: str, details: dict[str, Any]) -> Manifest
 
 
 def _again(kind: str | None) -> str:
+    """What to do about a folder whose manifest does not hold: write it again (a checkpoint may
+    also be the user's own, once the manifest that no longer describes it is gone)."""
+    if kind == CHECKPOINT_KIND:
+        return f"run `saisa-edge make-checkpoint` again, or delete {MANIFEST_NAME} to run the folder as your own"
     return f"run `saisa-edge {KINDS[kind]}` again" if kind in KINDS else "write the folder again"
 
 
