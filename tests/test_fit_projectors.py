@@ -28,11 +28,5 @@ def test_matching_linear_gives_the_targets_mean_and_covariance():
     assert (out[0] - out[1]).abs().mean() > 0.1  # different inputs, different outputs
 
 
-def test_random_passages_avoid_special_ids():
-    ids = fit.random_passages(50, {0, 1, 2}, 3, 40, seed=1)
-    assert ids.shape == (3, 40) and int(ids.min()) >= 3 and int(ids.max()) < 50
-    assert torch.equal(ids, fit.random_passages(50, {0, 1, 2}, 3, 40, seed=1))
-
-
 def test_text_passages_are_windows_of_the_repeated_stream():
     assert fit.text_passages([1, 2, 3], 2, 4).tolist() == [[1, 2, 3, 1], [2, 3, 1, 2]]

@@ -39,13 +39,6 @@ def text_passages(ids: list[int], count: int, length: int) -> torch.Tensor:
     return torch.tensor(stream[: count * length]).view(count, length)
 
 
-def random_passages(vocab_size: int, special: set[int], count: int, length: int, seed: int) -> torch.Tensor:
-    """[count, length] token ids drawn uniformly from the ordinary (non-special) vocabulary."""
-    ordinary = torch.tensor([i for i in range(vocab_size) if i not in special])
-    gen = torch.Generator().manual_seed(seed)
-    return ordinary[torch.randint(len(ordinary), (count, length), generator=gen)]
-
-
 @torch.no_grad()
 def layer_inputs(lm: SaisaLM, prefix: list[int], passages: torch.Tensor) -> torch.Tensor:
     """Each layer's input hidden states at the passages' positions, after `prefix`:
