@@ -20,6 +20,7 @@ from tests.conftest import DEMO_IMAGE, generate
 from saisa_edge.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
+KV_FACTOR = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,70 @@ def test_clip_l_equals_transformers(smol):
 
 
 def test_cli_answers_about_the_bundled_image(smol_dir):
-    r = CliRunner().invoke(main, ["run", str(smol_dir), "--image", str(DEMO_IMAGE), "--prompt",
-                                  "What is in the picture?", "--max-new-tokens", "8", "--json"])
-    assert r.exit_code == 0, r.output
-    data = json.loads(r.stdout)
+    data = _run_json(smol_dir, "--image", str(DEMO_IMAGE), "--prompt", "What is in the picture?", "--max-new-tokens", "8")
     assert data["conv_mode"] == "chatml_direct" and data["visual_cache"] == "miss"
     assert data["prompt_tokens"].count(-200) == 1 and 1 <= len(data["tokens"]) <= 8
+
+
+def _run_json(source, *args: str) -> dict:
+    r = CliRunner().invoke(main, ["run", str(source), *args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def smol_artifact(smol_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol-art") / "art"
+    r = CliRunner().invoke(main, ["export", str(smol_dir), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("source", ["smol_dir", "smol_artifact"])
+def test_fluent_with_the_image_attached(source, request):
+    """The fitted image path reads like varied text: the answer is SmolLM2's, on PyTorch and ONNX Runtime."""
+    data = _run_json(request.getfixturevalue(source), "--image", str(DEMO_IMAGE),
+                     "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
+    assert data["visual_cache"] == "miss" and data["backend"] == ("torch" if source == "smol_dir" else "onnxruntime")
+    assert "Paris" in data["text"], data["text"]
+
+
+def _text_kv(smol, prompt: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Each layer's text K/V for a prompt, the first token (the attention sink) left out."""
+    from saisa_edge.model import split
+
+    ids = smol.tokenizer.encode(TEMPLATES["chatml_direct"].prompt([(prompt, None)]))
+    _, cache = split.forward_text(smol.lm, torch.tensor([ids]), torch.arange(len(ids))[None],
+                                  split.TextCache.empty(smol.config.text, 1, torch.float32))
+    return tuple(k[:, :, 1:] for k in cache.keys), tuple(v[:, :, 1:] for v in cache.values)
+
+
+def _visual_kv(smol, image):
+    from saisa_edge.model import split
+
+    pixels = torch.as_tensor(preprocess(load_image(image), smol.config.vision))[None]
+    with torch.no_grad():
+        return split.visual_kv(smol.lm, smol.vision(pixels), 11)
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.float().pow(2).mean().sqrt())
+
+
+def test_visual_kv_differ_between_images_and_read_like_text(smol):
+    """Held-out images (not in FIT_IMAGES): their K/V differ, and per layer their RMS is within
+    KV_FACTOR of the text K/V's (the random projectors were off by orders of magnitude)."""
+    from saisa_edge.checkpoint.presets import FIT_IMAGES
+
+    held_out = DEMO_IMAGE.parent / "validation" / "03-table_objects.png"
+    assert DEMO_IMAGE not in FIT_IMAGES and held_out not in FIT_IMAGES
+    a, b = _visual_kv(smol, DEMO_IMAGE), _visual_kv(smol, held_out)
+    keys, values = _text_kv(smol, "Paris is the capital and largest city of France, on the river Seine. "
+                                  "Name three colours, count to five and describe a clock.")
+    for layer, (ka, kb, va, vb) in enumerate(zip(a.keys, b.keys, a.values, b.values)):
+        assert _rms(ka - kb) > 0.05 * _rms(ka) and _rms(va - vb) > 0.05 * _rms(va), layer
+        for visual, text in ((ka, keys[layer]), (va, values[layer])):
+            assert 1 / KV_FACTOR < _rms(visual) / _rms(text) < KV_FACTOR, (layer, _rms(visual), _rms(text))
 
 
 def test_smol_export_runs_in_onnxruntime(smol_dir, smol, tmp_path):

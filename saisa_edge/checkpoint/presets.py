@@ -3,7 +3,8 @@
 `tiny`: random weights, MHA, a sentencepiece tokenizer trained on the spot: seconds.
 `smol`: SmolLM2-135M-Instruct (real weights, tokenizer and chat template, GQA 9/3),
 a CLIP ViT-L/14-336-shaped tower and per-layer projectors, the last two random
-(no vision weights are reachable): the image path is untrained.
+(no vision weights are reachable): the image path is untrained. The projectors' last
+linears are then fitted so that an image reads like varied text (`fit_projectors`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from saisa_edge import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX
 from saisa_edge.artifacts import CHECKPOINT_KIND, atomic_folder, write_manifest
+from saisa_edge.checkpoint import fit_projectors as fit
 from saisa_edge.config import VisionConfig, parse_config, parse_vision_config
-from saisa_edge.model.clip import ClipVisionModel
+from saisa_edge.inputs.conversation import TEMPLATES
+from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
+from saisa_edge.inputs.tokenizer import PromptTokenizer
+from saisa_edge.model.clip import ClipVisionModel, ClipVisionTower
 from saisa_edge.model.dtypes import TORCH_DTYPES as DTYPES
 from saisa_edge.model.llama import SaisaLM
 from saisa_edge.progress import say, track
@@ -41,6 +48,10 @@ USER: Describe the picture in detail. ASSISTANT: There is a small cat sitting on
 What colour is the car? How many people are there? Is it day or night?
 The quick brown fox jumps over the lazy dog. 0123456789 images, tokens, layers, keys, values.
 """
+FIT_IMAGES = sorted((DEMO_IMAGE.parent / "calibration").glob("*.png"))[:6]
+"""The smol projectors are fitted on one bundled calibration image of each kind; the demo
+and validation images stay out of the fit."""
+FIT_PROMPTS = DEMO_IMAGE.parent / "calibration" / "prompts.txt"
 
 
 @dataclass
@@ -184,7 +195,8 @@ def tiny(seed: int = 0, **text_overrides: Any) -> CheckpointSpec:
 
 
 def smol(seed: int = 0) -> CheckpointSpec:
-    """SmolLM2-135M-Instruct + random CLIP ViT-L/14-336-shaped tower + random projectors."""
+    """SmolLM2-135M-Instruct + random CLIP ViT-L/14-336-shaped tower + per-layer projectors
+    drawn at random, then fitted into the text model's distribution (`fit_projectors`)."""
     from saisa_edge.checkpoint.smollm2 import gguf_path, read_llama_gguf
 
     path = gguf_path()
@@ -202,11 +214,54 @@ def smol(seed: int = 0) -> CheckpointSpec:
         tokenizer.save_pretrained(str(folder))
 
     say("drawing a random CLIP ViT-L/14-336 vision tower (no vision weights are reachable)")
+    vision_tensors = _vision_tensors(_CLIP_L_336, gen)
+    with tempfile.TemporaryDirectory() as folder:  # the runtime's tokenizer, on the files the preset writes
+        write_tokenizer(Path(folder))
+        prompt_tokenizer = PromptTokenizer.load(Path(folder))
+    fitted, fit_details = _fit_smol_projectors(config, tensors, vision_tensors, prompt_tokenizer)
+    tensors.update(fitted)
     return CheckpointSpec(
-        config, tensors, write_tokenizer, _CLIP_L_336, _vision_tensors(_CLIP_L_336, gen),
+        config, tensors, write_tokenizer, _CLIP_L_336, vision_tensors,
         {"seed": seed, "text_weights": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
-         "untrained": ["vision tower", "per-layer projectors"]},
+         "untrained": ["vision tower", "per-layer projectors"], "projector_fit": fit_details},
     )
+
+
+def _fit_smol_projectors(
+    config: dict[str, Any], tensors: dict[str, torch.Tensor], vision_tensors: dict[str, torch.Tensor],
+    tokenizer: PromptTokenizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The fitted last projector linears, and what was done, for the manifest."""
+    cfg = parse_config(config, "preset")
+    with torch.device("meta"):
+        lm, tower = SaisaLM(cfg), ClipVisionTower(cfg)
+    lm.load_state_dict({"lm_head.weight": tensors["model.embed_tokens.weight"], **tensors}, strict=True, assign=True)
+    wanted = tower.state_dict()
+    tower.load_state_dict({k: vision_tensors[k] for k in wanted}, strict=True, assign=True)
+    images = FIT_IMAGES
+    with torch.no_grad():
+        pixels = torch.stack([torch.as_tensor(preprocess(load_image(p), cfg.vision)) for p in images])
+        features = torch.cat([tower(pixels[i : i + 1]) for i in track(range(len(images)), "vision features of the fit images")])
+    template = TEMPLATES[tokenizer.default_conv_mode()]
+    text = template.prompt([(IMAGE_PLACEHOLDER + "\n", None)])
+    ids = tokenizer.encode(text)
+    prefix = ids[: ids.index(IMAGE_TOKEN_INDEX)]
+    prompts = [line for line in FIT_PROMPTS.read_text().splitlines() if line and not line.startswith("#")]
+    passages = fit.text_passages(tokenizer.tokenize(" ".join(prompts)), len(images), cfg.num_visual_tokens)
+    say(f"fitting the projectors to SmolLM2's hidden states on {len(images)} passages of the calibration prompts")
+    targets = fit.layer_inputs(lm, prefix, passages)
+    details = {
+        "method": "last projector linear per layer set so that P_l(F) over the fit images has the mean and "
+                  "covariance of SmolLM2's layer-l input hidden states on passages of the bundled calibration "
+                  "prompts (joined by spaces, repeated) in the image's place (weight = Sigma^1/2 C^-1/2, bias = mu - weight m; C = within-image + "
+                  f"{fit.BETWEEN_IMAGE_WEIGHT:g} x between-image covariance of the projector's GELU activations, "
+                  f"ridge {fit.SHRINK:g} x mean variance); the first linear stays random. The image path carries "
+                  "no information about the image.",
+        "fit_images": [f"saisa_edge/assets/{p.parent.name}/{p.name}" for p in images],
+        "passages": {"count": len(images), "tokens": cfg.num_visual_tokens,
+                     "text": f"saisa_edge/assets/calibration/{FIT_PROMPTS.name}", "prefix": text.split(IMAGE_PLACEHOLDER)[0]},
+    }
+    return fit.fit_projectors(lm, features, targets), details
 
 
 @dataclass(frozen=True)
