@@ -277,7 +277,7 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
               decode_steps: int, group_size: int,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
               min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
-    """Quantize ARTIFACT to INT8 or FP8 (explicit Q/DQ), calibrated on image+prompt pairs; then
+    """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then
     report its accuracy on held-out pairs against the fp32 reference (exit 1 if it fails)."""
     from saisa_edge.calibration.calibrate import calibrate as run_calibration, open_source, summary
     from saisa_edge.calibration.data import pairs

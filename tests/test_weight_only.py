@@ -299,3 +299,23 @@ def test_validate_text_only_reports_perplexity_and_applies_its_mark(quantized, t
                                   "--samples", "1", "--min-cosine", "0", "--min-top1", "0", "--min-greedy", "0",
                                   "--max-perplexity-increase", "-1"])
     assert result.exit_code == 1 and "perplexity increase" in result.output and "(text only)" in result.output
+
+
+# --- on paper: Orin -----------------------------------------------------------------------------
+
+
+def test_orin_plan_by_hand():
+    from saisa_edge.evaluation import orin
+
+    assert orin.bytes_per_weight("int4_awq", 4096) == 0.5 + 2 / 128 and orin.bytes_per_weight("int8_wo", 4096) == 1 + 2 / 4096
+    p = orin.plan("vicuna-7b", "fp16", "orin-agx")
+    # decoder linears of LLaMA-7B: 32 x (4 x 4096^2 + 3 x 4096 x 11008) = 6.48e9 weights, 2 bytes each
+    decoder = 32 * (4 * 4096**2 + 3 * 4096 * 11008) * 2
+    kv = 2 * 32 * 32 * 128 * 2 * (576 + 2048)
+    assert p.kv_gb == round(kv / 1e9, 2) and p.bytes_per_token_gb == round((decoder + 32000 * 4096 * 2 + kv) / 1e9, 3)
+    assert p.tokens_per_s == round(204.8e9 / (decoder + 32000 * 4096 * 2 + kv), 1)
+    assert p.fits and not orin.plan("vicuna-7b", "fp16", "orin-nx").fits  # 15 GB of fp16 weights
+    assert orin.plan("vicuna-7b", "int4_awq", "orin-nx").fits
+    four, sixteen = orin.plan("llama3-8b", "int4_awq", "orin-nano"), orin.plan("llama3-8b", "fp16", "orin-nano")
+    assert 2.5 < four.tokens_per_s / sixteen.tokens_per_s < 4  # bandwidth-bound: the bytes decide
+    assert not any(r["format"] == "fp8" for r in orin.table())  # no FP8 tensor cores on Orin
