@@ -183,7 +183,7 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
                 shutil.copy2(f, tmp_out / f.name)
         details["quantization"] = {
             "recipe": recipe.as_json(),
-            "samples": len(data), "decode_steps": decode_steps, "data_sha256": digest(data),
+            "samples": len(data) if stats else 0, "decode_steps": decode_steps, "data_sha256": digest(data),
             "images": sorted({str(p.image) for p in data}),
             "seconds": round(calibration_s, 1),
             "ranges": {t: {"amax": round(v, 6), "noise": round(noise[t], 4)} for t, v in sorted(amax.items())},
