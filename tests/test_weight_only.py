@@ -21,16 +21,17 @@ from saisa_edge.calibration import awq, weight_only
 from saisa_edge.calibration.calibrate import calibrate
 from saisa_edge.calibration.data import pairs
 from saisa_edge.calibration.recipe import make_recipe
-from saisa_edge.checkpoint.loader import load_checkpoint, open_checkpoint
+from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.cli import main
 from saisa_edge.errors import SaisaError
 from saisa_edge.evaluation import perplexity as ppl
-from saisa_edge.export.artifact import ExportOptions, export_artifact, read_artifact
+from saisa_edge.export.artifact import read_artifact
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.model.split import TextCache
 from saisa_edge.plugins.build import check_precision_for
 from saisa_edge.targets import target
 from tests.conftest import DEMO_IMAGE
+from tests.test_calibration import float_artifact  # noqa: F401  (the tiny fp32 artifact fixture)
 
 
 def _weight(k: int, n: int, seed: int = 0) -> np.ndarray:
@@ -173,13 +174,6 @@ def test_weight_only_recipes():
 
 
 # --- calibrated tiny artifacts ------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def float_artifact(tmp_path_factory, tiny_gqa_dir):
-    out = tmp_path_factory.mktemp("wo") / "fp32"
-    export_artifact(open_checkpoint(tiny_gqa_dir), out, ExportOptions())
-    return out
 
 
 @pytest.fixture(scope="module")
