@@ -164,7 +164,8 @@ def calibrate(source: Path, out: Path, recipe: Recipe, data: list[Pair], decode_
     details = json.loads(json.dumps(art.details))
     with atomic_folder(out, force) as tmp_out:
         for name in GRAPHS:
-            saved = weight_only.rewrite(models[name], sites[name], quants, recipe.form) if recipe.weight_only \
+            saved = weight_only.rewrite(models[name], sites[name], quants, recipe.form, recipe.nbits_accuracy) \
+                if recipe.weight_only \
                 else qdq.insert_qdq(models[name], sites[name], amax, recipe)
             weights_bytes = sum(len(t.raw_data) for t in models[name].graph.initializer)
             path = tmp_out / f"{name}.onnx"

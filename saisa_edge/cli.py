@@ -266,6 +266,9 @@ def _report(candidate: Path, reference: Path | None, vision_tower: Path | None, 
               help="Greedy decode steps calibrated after each prefill.")
 @click.option("--group-size", type=int, default=recipes.DEFAULT_GROUP_SIZE, show_default=True,
               help="int4_awq/int4_rtn: rows of K sharing a scale (a power of two, at least 16).")
+@click.option("--nbits-accuracy", type=click.Choice(["0", "4"]), default=str(recipes.DEFAULT_NBITS_ACCURACY),
+              show_default=True, help="Weight-only on --target cpu: MatMulNBits computing in float (0) or with "
+                                      "int8 activations (4: ONNX Runtime's fast x86 kernels).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="fp32 checkpoint for the accuracy report (default: the one the artifact came from).")
 @click.option("--report-samples", type=click.IntRange(min=0), default=6, show_default=True,
@@ -274,7 +277,7 @@ def _report(candidate: Path, reference: Path | None, vision_tower: Path | None, 
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
               samples: int, method: str | None, percentile: float, keep: str, smoothquant: float, max_noise: float,
-              decode_steps: int, group_size: int,
+              decode_steps: int, group_size: int, nbits_accuracy: str,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
               min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
     """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then
@@ -285,7 +288,7 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     from saisa_edge.progress import say
 
     recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
-                         smoothquant or None, percentile, max_noise, group_size)
+                         smoothquant or None, percentile, max_noise, group_size, int(nbits_accuracy))
     cfg = open_source(artifact).config
     data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.pads_images)
     details = run_calibration(artifact, output, recipe, data, decode_steps, force)

@@ -171,6 +171,10 @@ def test_weight_only_recipes():
     assert not make_recipe("int4_rtn", "cpu").awq and make_recipe("int8_wo", "a100").weight_bits == 8
     with pytest.raises(SaisaError, match="--group-size 96: must be a power of two"):
         make_recipe("int4_awq", "cpu", group_size=96)
+    assert make_recipe("int4_rtn", "cpu").as_json()["nbits_accuracy_level"] == 4
+    assert make_recipe("int4_rtn", "h100").as_json()["nbits_accuracy_level"] is None
+    with pytest.raises(SaisaError, match="--nbits-accuracy 2"):
+        make_recipe("int8_wo", "cpu", nbits_accuracy=2)
 
 
 # --- calibrated tiny artifacts ------------------------------------------------------------------
@@ -220,6 +224,9 @@ def test_graph_forms_per_target(quantized):
         opset = next(o.version for o in model.opset_import if o.domain == "")
         if tgt == "cpu":
             assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+            levels = {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+                      for a in n.attribute if a.name == "accuracy_level"}
+            assert levels == {4}  # the recipe's default: ONNX Runtime's fast x86 kernels
         else:
             dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
             assert dqs and "MatMulNBits" not in ops
@@ -313,3 +320,18 @@ def test_orin_plan_by_hand():
     four, sixteen = orin.plan("llama3-8b", "int4_awq", "orin-nano"), orin.plan("llama3-8b", "fp16", "orin-nano")
     assert 2.5 < four.tokens_per_s / sixteen.tokens_per_s < 4  # bandwidth-bound: the bytes decide
     assert not any(r["format"] == "fp8" for r in orin.table())  # no FP8 tensor cores on Orin
+
+
+def test_cli_weight_only_flags_reach_the_graph(tmp_path, float_artifact):
+    out = tmp_path / "int4"
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(out), "--precision", "int4_rtn",
+                                       "--group-size", "16", "--nbits-accuracy", "0", "--report-samples", "0"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((out / MANIFEST_NAME).read_text())["details"]["quantization"]["recipe"]
+    assert recipe["group_size"] == 16 and recipe["nbits_accuracy_level"] == 0
+    node = next(n for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["block_size"] == 16 and attrs["accuracy_level"] == 0 and attrs["bits"] == 4
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "x"), "--precision",
+                                       "int4_awq", "--group-size", "100"])
+    assert result.exit_code == 2 and "--group-size 100: must be a power of two" in result.output
