@@ -287,6 +287,7 @@ def test_cli_calibrate_reports_and_refuses(tmp_path, float_artifact):
     assert "perplexity (stdlib docstrings)" in result.output
     result = runner.invoke(main, ["validate", str(out), "--samples", "1", "--min-top1", "1.01"])
     assert result.exit_code == 1 and "< 1.01" in result.output and "FAILED" in result.output
+    assert "perplexity (stdlib docstrings)" in result.output  # image+prompt reports carry it too
     result = runner.invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "f"), "--precision", "fp8",
                                   "--target", "orin-nx"])
     assert result.exit_code == 2 and "use --precision int8" in result.output
