@@ -265,7 +265,7 @@ def test_one_quantization_gives_both_forms(quantized, precision):
 
 def test_tensorrt_builds_accept_the_dq_form_only(quantized):
     check_precision_for(read_artifact(quantized["int4_awq", "orin-agx"]), target("orin-nano"))
-    with pytest.raises(SaisaError, match="calibrate again with --target orin-agx"):
+    with pytest.raises(SaisaError, match="MatMulNBits: ONNX Runtime forms.*calibrate again with --target orin-agx"):
         check_precision_for(read_artifact(quantized["int4_awq", "cpu"]), target("orin-agx"))
 
 
@@ -308,7 +308,8 @@ def test_validate_text_only_reports_perplexity_and_applies_its_mark(quantized, t
 def test_orin_plan_by_hand():
     from saisa_edge.evaluation import orin
 
-    assert orin.bytes_per_weight("int4_awq", 4096) == 0.5 + 2 / 128 and orin.bytes_per_weight("int8_wo", 4096) == 1 + 2 / 4096
+    assert orin.bytes_per_weight("int4_awq", 4096) == 0.5 + 2 / 128
+    assert orin.bytes_per_weight("int8_wo", 4096) == 1 + 2 / 4096
     p = orin.plan("vicuna-7b", "fp16", "orin-agx")
     # decoder linears of LLaMA-7B: 32 x (4 x 4096^2 + 3 x 4096 x 11008) = 6.48e9 weights, 2 bytes each
     decoder = 32 * (4 * 4096**2 + 3 * 4096 * 11008) * 2

@@ -79,8 +79,9 @@ def compare_text(reference: Backend, candidate: Backend, tokenizer: PromptTokeni
     ref, got = logits(reference), logits(candidate)
     cosines = [_cosine(a.numpy(), b.numpy()) for a, b in zip(ref, got)]
     cand_tokens = _greedy(candidate, tokenizer, template, prompt)
-    return TextSample(prompt, min(cosines), float(np.mean(cosines)), float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
-                      _greedy_match(ref_tokens, cand_tokens), ref_tokens, cand_tokens)
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).float().mean())
+    return TextSample(prompt, min(cosines), float(np.mean(cosines)), top1, _greedy_match(ref_tokens, cand_tokens),
+                      ref_tokens, cand_tokens)
 
 
 def validate_text(reference: Backend, candidate: Backend, tokenizer: PromptTokenizer, template: Template,
