@@ -2,8 +2,8 @@
 
     python -m benchmarks.quantized --float artifacts/smol --quantized artifacts/smol-int8 [...]
 
-Decode tokens/s (greedy, same image and question, a fixed token count, best of
-repeats on both sides, interleaved so neither side gets a quieter moment), the graph
+Decode tokens/s and prefill time (greedy, same image and question, a fixed token count,
+best of repeats on every side, interleaved so no side gets a quieter moment), the graph
 files' sizes, and the visual K/V cache's memory per image by storage.
 """
 
@@ -25,8 +25,8 @@ from saisa_edge.runtime.kv_storage import STORAGES, pack
 from saisa_edge.runtime.session import Request
 
 
-def _mib(folder: Path) -> float:
-    return round(sum(f.stat().st_size for f in folder.iterdir() if ".onnx" in f.name) / 2**20, 1)
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if ".onnx" in f.name)
 
 
 def main() -> None:
@@ -46,17 +46,22 @@ def main() -> None:
     for s in sessions.values():
         s.generate(request)  # warm up, cache the image
     rates: dict[Path, list[float]] = {p: [] for p in sources}
+    prefill: dict[Path, list[float]] = {p: [] for p in sources}
     for i in range(args.repeats):
         for p in sources:
-            rates[p] += decode_rates([sessions[p].generate(request)])
+            result = sessions[p].generate(request)
+            rates[p] += decode_rates([result])
+            prefill[p].append(result.timings_ms["prefill"])
         print(f"round {i + 1}/{args.repeats}", file=sys.stderr)
-    base = max(rates[args.base])
+    base, base_prefill = max(rates[args.base]), min(prefill[args.base])
     report: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}, "tokens": args.tokens, "artifacts": {}}
     for p in sources:
         report["artifacts"][str(p)] = {
             "precision": opened[p].precision,
+            "form": (opened[p].details.get("quantization") or {}).get("recipe", {}).get("form"),
             "decode_tokens_per_s": round(max(rates[p]), 2), "speedup_over_float": round(max(rates[p]) / base, 2),
-            "graphs_mib": _mib(p),
+            "prefill_ms": round(min(prefill[p]), 1), "prefill_speedup": round(base_prefill / min(prefill[p]), 2),
+            "graphs_bytes": _bytes(p), "graphs_mib": round(_bytes(p) / 2**20, 1),
         }
     backend = models[args.base][0]
     kv = backend.visual_kv(backend.vision(pixels[None]), 0)

@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import onnx
 from saisa_edge.artifacts import ARTIFACT_KIND, MANIFEST_NAME, Artifact, atomic_folder, open_artifact, write_manifest
 from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.backends.ort import OrtBackend
-from saisa_edge.calibration import qdq
+from saisa_edge.calibration import awq, qdq, weight_only
 from saisa_edge.calibration.data import Pair, digest
 from saisa_edge.calibration.recipe import Recipe
 from saisa_edge.calibration.stats import TensorStats, noise_ratio, pick_amax
@@ -62,8 +63,10 @@ class _Run:
     """One calibration pass: tapped graphs on ONNX Runtime, a greedy request per pair."""
 
     def __init__(self, art: Artifact, models: dict[str, onnx.ModelProto], taps: dict[str, list[str]],
-                 channels: set[str], workdir: Path, features: dict[str, np.ndarray]):
-        self.stats: Stats = {g: {t: TensorStats(channels=t in channels) for t in names} for g, names in taps.items()}
+                 channels: set[str], workdir: Path, features: dict[str, np.ndarray],
+                 collector: Callable[[], TensorStats] | None = None):
+        self.stats: Stats = {g: {t: collector() if collector else TensorStats(channels=t in channels) for t in names}
+                             for g, names in taps.items()}
         paths = {}
         for name, names in taps.items():
             if names:
@@ -110,8 +113,8 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
         channels = {t for names in taps.values() for t in names} if recipe.smoothquant is not None else set()
         work = Path(tmp)
         (work / "1").mkdir()
-        stats = _Run(art, models, taps, channels, work / "1", features).run(
-            data, decode_steps, f"calibrating (pass 1/{passes})")
+        stats = _Run(art, models, taps, channels, work / "1", features, awq.RowSample if recipe.awq else None).run(
+            data, decode_steps, f"calibrating (pass 1/{passes})") if recipe.awq or not recipe.weight_only else {}
         smoothed: dict[str, list[str]] = {}
         if recipe.smoothquant is not None:
             for name, group in sites.items():
@@ -123,15 +126,25 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
                     data, decode_steps, "calibrating (pass 2/2, smoothed inputs)")
                 for name, found in again.items():
                     stats[name].update(found)
+    quants: dict[str, weight_only.WeightQuant] = {}
+    alphas: dict[str, float] = {}
+    if recipe.weight_only:  # weights alone (AWQ: scales and clipping searched on the tapped rows), no ranges
+        for name in GRAPHS:
+            sites[name], smoothed[name], found, chosen = awq.quantize_graph(models[name], sites[name],
+                                                                            stats.get(name, {}), recipe)
+            quants.update(found)
+            alphas.update(chosen)
     calibration_s = time.perf_counter() - t0
     measured = {t: s for group in stats.values() for t, s in group.items()}
     amax = {site.activation: pick_amax(measured[site.activation], recipe.method, int(recipe.activation_levels),
-                                       recipe.percentile) for group in sites.values() for site in group}
+                                       recipe.percentile) for group in sites.values() for site in group
+            if not recipe.weight_only}
     # int8's uniform grid loses small values when a few large ones set the range; fp8's
     # relative precision does not (its noise is about 3% at any magnitude), so no fallback
     noise = {t: noise_ratio(measured[t], a, recipe.activation_levels) if recipe.precision == "int8" else 0.0
              for t, a in amax.items()}
-    fallback = {name: [s.node for s in group if noise[s.activation] > recipe.max_noise] for name, group in sites.items()}
+    fallback = {name: [s.node for s in group if noise.get(s.activation, 0.0) > recipe.max_noise]
+                for name, group in sites.items()}
     sites = {name: [s for s in group if s.node not in fallback[name]] for name, group in sites.items()}
     if any(fallback.values()):
         say(f"kept in float (input noise over {recipe.max_noise:g}): "
@@ -139,7 +152,9 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
     details = json.loads(json.dumps(art.details))
     with atomic_folder(out, force, kind=ARTIFACT_KIND, inputs=(art.path,)) as tmp_out:
         for name in GRAPHS:
-            saved = qdq.insert_qdq(models[name], sites[name], amax, recipe)
+            saved = weight_only.rewrite(models[name], sites[name], quants, recipe.form, recipe.nbits_accuracy) \
+                if recipe.weight_only \
+                else qdq.insert_qdq(models[name], sites[name], amax, recipe)
             weights_bytes = sum(len(t.raw_data) for t in models[name].graph.initializer)
             path = tmp_out / f"{name}.onnx"
             _save(models[name], path)
@@ -157,10 +172,13 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
                 shutil.copy2(f, tmp_out / f.name)
         details["quantization"] = {
             "recipe": recipe.as_json(),
-            "samples": len(data), "decode_steps": decode_steps, "data_sha256": digest(data),
+            "samples": len(data) if stats else 0, "decode_steps": decode_steps, "data_sha256": digest(data),
             "images": sorted({str(p.image) for p in data}),
             "seconds": round(calibration_s, 1),
             "ranges": {t: {"amax": round(v, 6), "noise": round(noise[t], 4)} for t, v in sorted(amax.items())},
+            **({"awq_alpha": dict(sorted(alphas.items())),
+                "runs_on": weight_only.ACCEPTED_BY[recipe.form][f"int{recipe.weight_bits}"]}
+               if recipe.weight_only else {}),
             "source": {"artifact": str(art.path), "manifest_sha256": art.manifest_sha256},
         }
         write_manifest(tmp_out, ARTIFACT_KIND, details)

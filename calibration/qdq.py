@@ -95,12 +95,13 @@ def float_type(model: onnx.ModelProto) -> int:
 
 
 def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np.ndarray],
-           alpha: float) -> tuple[list[Site], list[str]]:
+           alpha: float, scales: dict[str, np.ndarray] | None = None) -> tuple[list[Site], list[str]]:
     """SmoothQuant: divide activation channel j by s_j = amax_x(j)^a / amax_w(j)^(1-a) and
     multiply weight row j by it. The division folds into the RMSNorm scale that produces
     the activation where there is one (no op at run time); elsewhere (o_proj, down_proj,
     projector inputs) it is a Mul by 1/s, which TensorRT fuses into the producer.
-    Returns the sites (reading the smoothed tensors) and the smoothed tensors' names."""
+    `scales` gives s per tensor instead (AWQ's searched scales). Returns the sites (reading
+    the smoothed tensors) and the smoothed tensors' names."""
     graph = model.graph
     init = {t.name: t for t in graph.initializer}
     producers, consumers = _producers(graph), _consumers(graph)
@@ -110,12 +111,13 @@ def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np
     renamed: dict[str, str] = {}
     inserted: dict[str, onnx.NodeProto] = {}  # before the first consumer
     for act, group in by_act.items():
-        if act not in channel_amax or any(site.transposed for site in group):
+        if act not in (channel_amax if scales is None else scales) or any(site.transposed for site in group):
             continue
         weights = [numpy_helper.to_array(init[site.weight]).astype(np.float32) for site in group]
-        w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        scale = np.clip(channel_amax[act], 1e-5, None) ** alpha / np.clip(w_amax, 1e-5, None) ** (1 - alpha)
-        scale = np.clip(scale, 1e-5, None).astype(np.float32)
+        if scales is None:
+            w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+            scale = np.clip(channel_amax[act], 1e-5, None) ** alpha / np.clip(w_amax, 1e-5, None) ** (1 - alpha)
+        scale = np.clip(scale if scales is None else scales[act], 1e-5, None).astype(np.float32)
         for site, w in zip(group, weights):
             _replace(init[site.weight], (w * scale[:, None]).astype(_np_dtype(init[site.weight])))
         norm = producers.get(act)

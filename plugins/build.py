@@ -147,8 +147,8 @@ def check_precision_for(art: Artifact, target: Target) -> None:
     check_precision(target, art.precision)
     quantized_for = art.details.get("quantization", {}).get("recipe", {}).get("target")
     if quantized_for == "cpu" and target.compute_capability is not None:
-        raise SaisaError(f"{art.path}: calibrated for --target cpu (7-bit weights for x86 kernels); calibrate again "
-                         f"with --target {target.name}")
+        raise SaisaError(f"{art.path}: calibrated for --target cpu (7-bit int8 or MatMulNBits: ONNX Runtime forms); "
+                         f"calibrate again with --target {target.name}")
 
 
 def gpu_and_tensorrt() -> tuple[Any, tuple[int, int]]:

@@ -243,6 +243,8 @@ def _thresholds(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--min-cosine", type=float, default=None, help="Lowest logit cosine allowed (per precision default)."),
         click.option("--min-top1", type=float, default=None, help="Lowest teacher-forced top-1 agreement allowed."),
         click.option("--min-greedy", type=float, default=None, help="Lowest greedy-token match allowed."),
+        click.option("--max-perplexity-increase", type=float, default=None,
+                     help="Largest relative perplexity rise over held-out prose (0.1: +10%)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -251,15 +253,16 @@ def _thresholds(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Path | None, images: Path | None,
             prompts: Path | None, samples: int, bounds: dict[str, float | None], as_json: bool,
-            kv_storage: str = "native") -> None:
+            kv_storage: str = "native", text_only: bool = False) -> None:
     """Validate CANDIDATE (a folder, or one already opened), print the table (or JSON), exit 1 on failure."""
     require_export("validate")
     from saisa_edge.evaluation.validate import run_validation, table
     from saisa_edge.progress import track
 
     report = run_validation(candidate, reference, vision_tower, images, prompts, samples, bounds, progress=track,
-                            kv_storage=kv_storage)
-    click.echo(json.dumps(report.as_json(), indent=2) if as_json else table(report))
+                            kv_storage=kv_storage, text_only=text_only)
+    text = getattr(report, "table", None)  # a text-only report prints itself
+    click.echo(json.dumps(report.as_json(), indent=2) if as_json else text() if text else table(report))
     if not report.passed:
         sys.exit(1)
 
@@ -283,6 +286,11 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
               help="INT8: a linear layer whose input int8 would blur more (noise/signal RMS) stays in float.")
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True,
               help="Greedy decode steps calibrated after each prefill.")
+@click.option("--group-size", type=int, default=recipes.DEFAULT_GROUP_SIZE, show_default=True,
+              help="int4_awq/int4_rtn: rows of K sharing a scale (a power of two, at least 16).")
+@click.option("--nbits-accuracy", type=click.Choice(["0", "4"]), default=str(recipes.DEFAULT_NBITS_ACCURACY),
+              show_default=True, help="Weight-only on --target cpu: MatMulNBits computing in float (0) or with "
+                                      "int8 activations (4: ONNX Runtime's fast x86 kernels).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="fp32 checkpoint for the accuracy report (default: the one the artifact came from).")
 @click.option("--report-samples", type=click.IntRange(min=0), default=6, show_default=True,
@@ -291,10 +299,10 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @click.option("--force", is_flag=True, help="Replace an earlier calibrate output.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
               samples: int, method: str | None, percentile: float, keep: str, smoothquant: float, max_noise: float,
-              decode_steps: int,
+              decode_steps: int, group_size: int, nbits_accuracy: str,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
-              min_greedy: float | None, force: bool) -> None:
-    """Quantize ARTIFACT to INT8 or FP8 (explicit Q/DQ), calibrated on image+prompt pairs; then
+              min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
+    """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then
     report its accuracy on held-out pairs against the fp32 reference (exit 1 if it fails)."""
     require_export("calibrate")
     from saisa_edge.artifacts import ARTIFACT_KIND, open_artifact
@@ -305,7 +313,7 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     from saisa_edge.progress import say
 
     recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
-                         smoothquant or None, percentile, max_noise)
+                         smoothquant or None, percentile, max_noise, group_size, int(nbits_accuracy))
     check_output(output, force, kind=ARTIFACT_KIND, inputs=(artifact,))  # before the calibration passes
     source = open_source(artifact)
     cfg = source.config
@@ -314,7 +322,8 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     say(f"wrote {output}: {json.dumps(summary(details))}")
     if report_samples:  # its files were hashed as they were written, moments ago: sizes are checked, not hashes
         _report(open_artifact(output, verify=False), reference, None, None, None, report_samples,
-                {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy}, as_json=False)
+                {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy,
+                 "max_perplexity_increase": max_perplexity_increase}, as_json=False, text_only=True)
 
 
 @main.command()
@@ -327,14 +336,17 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
 @click.option("--samples", type=click.IntRange(min=1), default=6, show_default=True)
 @click.option("--kv-storage", type=click.Choice(STORAGES), default="native", show_default=True,
               help="Measure with the visual K/V stored as the cache's --cache-storage would.")
+@click.option("--text-only", is_flag=True, help="The prompts without images (the decoder on its own weights' ground).")
 @_thresholds
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def validate(source: Path, reference: Path | None, vision_tower: Path | None, images: Path | None,
-             prompts: Path | None, samples: int, kv_storage: str, min_cosine: float | None, min_top1: float | None,
-             min_greedy: float | None, as_json: bool) -> None:
+             prompts: Path | None, samples: int, kv_storage: str, text_only: bool, min_cosine: float | None,
+             min_top1: float | None, min_greedy: float | None, max_perplexity_increase: float | None,
+             as_json: bool) -> None:
     """Compare SOURCE (an artifact or engine folder) with the fp32 PyTorch reference; exit 1 on failure."""
     _report(source, reference, vision_tower, images, prompts, samples,
-            {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy}, as_json, kv_storage)
+            {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy,
+             "max_perplexity_increase": max_perplexity_increase}, as_json, kv_storage, text_only)
 
 
 @main.command()

@@ -30,7 +30,8 @@ class Target:
         return self.name.startswith("orin")
 
 
-_AMPERE = ("fp32", "fp16", "bf16", "int8")
+WEIGHT_ONLY = ("int8_wo", "int4_awq", "int4_rtn")  # float activations: any target with float GEMMs
+_AMPERE = ("fp32", "fp16", "bf16", "int8", *WEIGHT_ONLY)
 _ADA_HOPPER = (*_AMPERE, "fp8")
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("orin-agx", "Jetson AGX Orin (64 GB)", (8, 7), 48.0, 4.0, _AMPERE),
@@ -39,7 +40,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("a100", "A100 (80 GB)", (8, 0), 76.0, 8.0, _AMPERE),
     Target("l4", "L4 (24 GB)", (8, 9), 22.0, 4.0, _ADA_HOPPER),
     Target("h100", "H100 (80 GB)", (9, 0), 76.0, 8.0, _ADA_HOPPER),
-    Target("cpu", "ONNX Runtime on an x86-64 CPU", None, 0.0, 0.0, ("fp32", "fp16", "int8", "fp8"),
+    Target("cpu", "ONNX Runtime on an x86-64 CPU", None, 0.0, 0.0, ("fp32", "fp16", "int8", "fp8", *WEIGHT_ONLY),
            int8_weight_max=63),
 )}
 

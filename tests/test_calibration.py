@@ -279,11 +279,14 @@ def test_cli_calibrate_reports_and_refuses(tmp_path, float_artifact):
     out = tmp_path / "int8"
     result = runner.invoke(main, ["calibrate", str(float_artifact), "-o", str(out), "--precision", "int8",
                                   "--samples", "2", "--decode-steps", "1", "--report-samples", "1",
-                                  "--min-cosine", "0.5", "--min-top1", "0.5", "--min-greedy", "0"])
+                                  "--min-cosine", "0.5", "--min-top1", "0.5", "--min-greedy", "0",
+                                  "--max-perplexity-increase", "10"])
     assert result.exit_code == 0, result.output  # random tiny weights: thresholds of a real model do not apply
-    assert "int8: logit cosine" in result.output and "PASSED" in result.output
+    assert "int8 (text only): logit cosine" in result.output and "PASSED" in result.output  # prompts alone
+    assert "perplexity (stdlib docstrings)" in result.output
     result = runner.invoke(main, ["validate", str(out), "--samples", "1", "--min-top1", "1.01"])
     assert result.exit_code == 1 and "< 1.01" in result.output and "FAILED" in result.output
+    assert "perplexity (stdlib docstrings)" in result.output  # image+prompt reports carry it too
     result = runner.invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "f"), "--precision", "fp8",
                                   "--target", "orin-nx"])
     assert result.exit_code == 2 and "use --precision int8" in result.output

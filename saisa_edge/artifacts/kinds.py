@@ -17,8 +17,9 @@ from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.artifacts.schema import build, config_from_json
 from saisa_edge.config import DTYPE_NAMES, SaisaConfig
 from saisa_edge.errors import SaisaError
+from saisa_edge.targets import WEIGHT_ONLY
 
-PRECISIONS = DTYPE_NAMES + ("int8", "fp8")  # what linear layers compute in: a dtype, or a calibration's
+PRECISIONS = (*DTYPE_NAMES, "int8", "fp8", *WEIGHT_ONLY)  # what linear layers compute in: a dtype, or a calibration's
 
 
 def _field(details: dict[str, Any], key: str, typ: type, where: str) -> Any:

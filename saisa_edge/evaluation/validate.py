@@ -22,6 +22,7 @@ from saisa_edge.artifacts import Artifact, Engines, artifact_details, open_runna
 from saisa_edge.backends import Backend
 from saisa_edge.calibration.data import Pair
 from saisa_edge.errors import SaisaError
+from saisa_edge.evaluation.perplexity import Chunks, perplexity
 from saisa_edge.inputs.conversation import Template
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.runtime.kv import TextCache, VisualKV, text_layout
@@ -41,6 +42,7 @@ class Thresholds:
     min_cosine: float
     min_top1: float
     min_greedy: float
+    max_perplexity_increase: float | None = None  # relative, over held-out prose (evaluation.perplexity)
 
 
 # fp32: only summation order differs. fp16/bf16: rounding of every activation.
@@ -50,8 +52,12 @@ DEFAULT_THRESHOLDS = {
     "fp32": Thresholds(0.99999, 0.99, 0.95),
     "fp16": Thresholds(0.9995, 0.97, 0.6),
     "bf16": Thresholds(0.998, 0.95, 0.5),
-    "int8": Thresholds(0.98, 0.85, 0.25),
-    "fp8": Thresholds(0.99, 0.90, 0.3),
+    # top-1 and perplexity marks of issue 14 (text-only prompts on smol's real weights, against fp32)
+    "int8": Thresholds(0.98, 0.93, 0.25, 0.05),
+    "fp8": Thresholds(0.99, 0.95, 0.3, 0.03),
+    "int8_wo": Thresholds(0.99, 0.98, 0.5, 0.01),
+    "int4_awq": Thresholds(0.95, 0.88, 0.25, 0.10),
+    "int4_rtn": Thresholds(0.95, 0.88, 0.25, 0.10),  # the bar AWQ is measured against
 }
 
 
@@ -106,6 +112,8 @@ class Report:
     precision: str
     thresholds: Thresholds
     samples: list[SampleReport]
+    perplexity: float | None = None
+    reference_perplexity: float | None = None
 
     @property
     def cosine(self) -> float:
@@ -124,7 +132,12 @@ class Report:
         t = self.thresholds
         checks = (("logit cosine", self.cosine, t.min_cosine), ("top-1 agreement", self.top1, t.min_top1),
                   ("greedy match", self.greedy, t.min_greedy))
-        return [f"{name} {value:.4f} < {bound}" for name, value, bound in checks if value < bound]
+        failed = [f"{name} {value:.4f} < {bound}" for name, value, bound in checks if value < bound]
+        if t.max_perplexity_increase is not None and self.perplexity is not None and self.reference_perplexity:
+            rise = self.perplexity / self.reference_perplexity - 1
+            if rise > t.max_perplexity_increase:
+                failed.append(f"perplexity increase {rise:.4f} > {t.max_perplexity_increase}")
+        return failed
 
     @property
     def passed(self) -> bool:
@@ -141,6 +154,7 @@ class Report:
             "precision": self.precision, "passed": self.passed, "failures": self.failures,
             "thresholds": asdict(self.thresholds),
             "summary": {"logit_cosine_min": self.cosine, "top1": self.top1, "greedy_match": self.greedy,
+                        "perplexity": self.perplexity, "reference_perplexity": self.reference_perplexity,
                         "vision_max_abs": max(s.vision.max_abs for s in self.samples),
                         "visual_kv_max_abs": max(s.visual_kv.max_abs for s in self.samples),
                         "decoder_logits_max_abs": max(s.decoder.max_abs for s in self.samples)},
@@ -238,15 +252,25 @@ def table(report: Report) -> str:
         f"top-1 {report.top1:.3f} (>= {t.min_top1}), greedy {report.greedy:.3f} (>= {t.min_greedy})",
         f"worst sample: {low.image.rsplit('/', 1)[-1]} / {low.prompt!r}; worst layer: {layer.worst_layer} "
         f"(visual K/V max abs error {layer.worst_layer_error.max_abs:.2e})",
+        *perplexity_line(report),
         "PASSED" if report.passed else "FAILED: " + "; ".join(report.failures),
     ]
     return "\n".join(rows)
 
 
+def perplexity_line(report: Report) -> list[str]:
+    if report.perplexity is None or report.reference_perplexity is None:
+        return []
+    bound = report.thresholds.max_perplexity_increase
+    return [f"perplexity (stdlib docstrings) {report.perplexity:.3f} vs fp32 {report.reference_perplexity:.3f}: "
+            f"{100 * (report.perplexity / report.reference_perplexity - 1):+.2f}%"
+            + (f" (<= +{100 * bound:g}%)" if bound is not None else "")]
+
+
 def run_validation(candidate: Path | Artifact | Engines, reference: Path | None = None,
                    vision_tower: Path | None = None, images: Path | None = None, prompts: Path | None = None, samples: int = 6,
                    overrides: dict[str, float | None] | None = None, backend: str = "auto",
-                   progress: Any = None, kv_storage: str = "native") -> Report:
+                   progress: Any = None, kv_storage: str = "native", text_only: bool = False) -> Report:
     """Open CANDIDATE (an artifact or engine folder) and its fp32 reference checkpoint, then `validate`."""
     from saisa_edge.backends import open_model
     from saisa_edge.calibration.data import pairs
@@ -263,10 +287,28 @@ def run_validation(candidate: Path | Artifact | Engines, reference: Path | None 
     model, tokenizer = open_model(opened, backend)
     ref, _ = open_model(checkpoint, "torch", tower, "fp32")
     cfg = ref.config
-    data = pairs(cfg.vision, samples, images, prompts, bundled="validation", pad=cfg.mm.pads_images)
     precision = precision_of(details)
     bounds = asdict(DEFAULT_THRESHOLDS[precision])
     bounds.update({k: v for k, v in (overrides or {}).items() if v is not None})
     template = get_template(details.get("conv_mode") or tokenizer.default_conv_mode())
-    return validate(ref, model, tokenizer, template, data, precision, Thresholds(**bounds), progress, kv_storage)
+    chunks = Chunks.of(tokenizer)
+    ppl = {"perplexity": perplexity(model, chunks), "reference_perplexity": perplexity(ref, chunks)}
+    if text_only:
+        from saisa_edge.evaluation.text_only import validate_text
+
+        return validate_text(ref, model, tokenizer, template, prompt_set(prompts, samples), precision,
+                             Thresholds(**bounds), progress, **ppl)
+    data = pairs(cfg.vision, samples, images, prompts, bundled="validation", pad=cfg.mm.pads_images)
+    report = validate(ref, model, tokenizer, template, data, precision, Thresholds(**bounds), progress, kv_storage)
+    report.perplexity, report.reference_perplexity = ppl["perplexity"], ppl["reference_perplexity"]
+    return report
+
+
+def prompt_set(prompts: Path | None, samples: int) -> list[str]:
+    """`samples` prompts of the file (default: the bundled held-out set), in turn."""
+    from saisa_edge.calibration.data import read_prompts
+    from saisa_edge.resources import asset
+
+    texts = read_prompts(prompts or asset("validation", "prompts.txt"))
+    return [texts[i % len(texts)] for i in range(samples)]
 

@@ -1,0 +1,158 @@
+"""AWQ (Lin et al., 2023): activation-aware scales and clipping for weight-only quantization.
+
+A few input channels carry most of a layer's activation magnitude; their weights matter
+most. Scaling weight row j up by s_j = mean|x_j|^alpha (and the activation down by the
+same, folded into the RMSNorm before the layer where there is one) gives those rows finer
+steps on the quantization grid. alpha is chosen per layer on the calibration activations
+by the error of the layer's output, alpha = 0 (no scaling, round to nearest) included, so
+the search never does worse than RTN on the data it sees. The clipping search then shrinks
+each block's range where that lowers the output error of that block.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from saisa_edge.calibration import qdq
+from saisa_edge.calibration.recipe import Recipe
+from saisa_edge.calibration.stats import TensorStats
+from saisa_edge.calibration.weight_only import WeightQuant, block_of, quantize
+
+SCALE_GRID = 20  # alpha in 0, 0.05, ..., 0.95 (AWQ's grid)
+CLIP_GRID = 20
+MAX_SHRINK = 0.5  # the clipping search tries ranges down to half of the block's max |w|
+ROWS = 256  # activation rows kept per tensor for the searches
+
+
+class RowSample(TensorStats):
+    """Calibration statistics for AWQ: mean |x| per channel over every row seen, and a
+    uniform sample (reservoir) of `ROWS` rows for the output-error searches."""
+
+    def __init__(self, rows: int = ROWS, seed: int = 0):
+        super().__init__()
+        self.rows = rows
+        self.rng = np.random.default_rng(seed)
+        self.sample: np.ndarray | None = None
+        self.abs_sum: np.ndarray | None = None
+        self.seen = 0
+
+    def update(self, x: np.ndarray) -> None:
+        a = x.astype(np.float32, copy=False).reshape(-1, x.shape[-1])
+        if a.size == 0:
+            return
+        if not np.isfinite(a).all():
+            raise FloatingPointError("non-finite activation")
+        total = np.abs(a).sum(axis=0, dtype=np.float64)
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        if self.sample is None:
+            self.sample = a[:self.rows].copy()
+            start = len(self.sample)
+        else:
+            room = self.rows - len(self.sample)
+            self.sample = np.concatenate([self.sample, a[:max(room, 0)]])
+            start = max(room, 0)
+        rest = np.arange(start, len(a))  # reservoir: row seen+i replaces a random slot w.p. rows/(seen+i+1)
+        slots = self.rng.integers(0, self.seen + rest + 1)
+        keep = slots < self.rows
+        self.sample[slots[keep]] = a[rest[keep]]
+        self.seen += len(a)
+        self.count += a.size
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        assert self.abs_sum is not None
+        return (self.abs_sum / max(self.seen, 1)).astype(np.float32)
+
+
+Quantizer = Callable[[np.ndarray], WeightQuant]
+
+
+def search_scale(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray], quant: Quantizer,
+                 grid: int = SCALE_GRID) -> tuple[np.ndarray, float, dict[float, float]]:
+    """The per-input-channel scale (s = mean|x|^alpha, normalised) minimising the squared
+    error of x @ W over the layers that read `x` (weights [K, N_i]); returns it, its alpha,
+    and the error of every alpha tried."""
+    w = np.concatenate(weights, axis=1).astype(np.float32)
+    ref = x @ w
+    base = np.clip(mean_abs, 1e-4, None)
+    errors: dict[float, float] = {}
+    best = (np.inf, 0.0, np.ones_like(base))
+    for i in range(grid):
+        alpha = i / grid
+        s = base ** alpha
+        s = s / np.sqrt(s.max() * s.min())
+        approx = (x / s) @ quant(w * s[:, None]).dequantize()
+        err = float(np.mean((approx - ref) ** 2))
+        errors[alpha] = err
+        if err < best[0]:
+            best = (err, alpha, s.astype(np.float32))
+    return best[2], best[1], errors
+
+
+def search_clip(x: np.ndarray, w: np.ndarray, bits: int, block: int, grid: int = CLIP_GRID,
+                max_shrink: float = MAX_SHRINK) -> np.ndarray:
+    """Per (block of K, output column): the range, from max |w| down to (1 - max_shrink) of
+    it, whose quantization gives that block's slice of x @ W the least squared error."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    amax = np.zeros((blocks, n), np.float32)
+    for g in range(blocks):
+        rows = slice(g * block, min((g + 1) * block, k))
+        wg, xg = w[rows], x[:, rows]
+        full = np.abs(wg).max(axis=0)
+        best_err = np.full(n, np.inf)
+        for i in range(int(grid * max_shrink)):
+            cand = full * (1 - i / grid)
+            err = np.mean((xg @ (wg - quantize(wg, bits, wg.shape[0], cand[None]).dequantize())) ** 2, axis=0)
+            better = err < best_err
+            best_err[better], amax[g, better] = err[better], cand[better]
+    return amax
+
+
+def quantize_layer(x: np.ndarray, w: np.ndarray, bits: int, block: int, clip: bool) -> WeightQuant:
+    """RTN of `w` [K, N], with AWQ's clipping search on `x` when `clip`."""
+    return quantize(w, bits, block, search_clip(x, w, bits, block) if clip else None)
+
+
+def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[str, TensorStats], recipe: Recipe
+                   ) -> tuple[list[qdq.Site], list[str], dict[str, WeightQuant], dict[str, float]]:
+    """Quantize every site's weight (AWQ: search and fold the scales first, with qdq.smooth's
+    folding, then search the clipping); returns the sites as they now read their inputs,
+    the scaled inputs, the quantization per MatMul and the alpha chosen per scaled input."""
+    init = {t.name: t for t in model.graph.initializer}
+
+    def weight(site: qdq.Site) -> np.ndarray:
+        w = numpy_helper.to_array(init[site.weight]).astype(np.float32)
+        return w.T if site.transposed else w
+
+    def rtn(w: np.ndarray) -> WeightQuant:
+        return quantize(w, recipe.weight_bits, block_of(recipe, w.shape[0]))
+
+    if not recipe.awq:
+        return sites, [], {s.node: rtn(weight(s)) for s in sites}, {}
+    groups: dict[str, list[qdq.Site]] = defaultdict(list)
+    for site in sites:
+        groups[site.activation].append(site)
+    scales, alphas = {}, {}
+    for act, group in groups.items():
+        if any(s.transposed for s in group):
+            continue  # a tied head's weight is the embedding too: nothing to fold it into
+        st = stats[act]
+        assert isinstance(st, RowSample) and st.sample is not None, act
+        scale, alpha, _ = search_scale(st.sample, st.mean_abs, [weight(s) for s in group], rtn)
+        if alpha > 0:
+            scales[act], alphas[act] = scale, alpha
+    new_sites, scaled = qdq.smooth(model, sites, {}, 0.0, scales=scales)
+    quants = {}
+    for old, site in zip(sites, new_sites):
+        x = getattr(stats[old.activation], "sample")
+        if old.activation in scales:
+            x = x / scales[old.activation]
+        w = weight(site)  # smoothed in place: rows scaled by s
+        quants[site.node] = quantize_layer(x, w, recipe.weight_bits, block_of(recipe, w.shape[0]), clip=True)
+    return new_sites, scaled, quants, alphas

@@ -1,0 +1,211 @@
+"""Weight-only quantization (W4A16, W8A16) and its two graph forms.
+
+One `WeightQuant` per linear layer: signed integer codes of its [K, N] weight and one
+scale per (block of K rows, output column), symmetric (zero point 0). The same codes and
+scales are written either as
+
+- `dq`: DequantizeLinear on an INT4/INT8 initializer feeding the MatMul, blocked along K
+  (`block_size`, opset 21) for INT4, per output channel (`axis=1`) for INT8: the pattern
+  TensorRT fuses into its weight-only GEMMs;
+- `nbits`: `com.microsoft` MatMulNBits, ONNX Runtime's weight-only kernel: codes stored
+  unsigned with the op's default zero point 2^(bits-1), packed low bits first along K,
+  [N, k_blocks, block_size * bits / 8], scales [N, k_blocks].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from saisa_edge.calibration import qdq
+from saisa_edge.calibration.recipe import Recipe
+
+FORMS = ("dq", "nbits")
+MS_DOMAIN = "com.microsoft"
+BLOCKED_DQ_OPSET = 21  # DequantizeLinear's block_size and INT4 arrived in opset 21
+NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits blocks are powers of two >= 16
+# Where each form runs; the TensorRT rows come from its documentation (not run here: no GPU)
+ACCEPTED_BY = {
+    "dq": {"int4": "TensorRT >= 10.0 on sm_80+ (Orin sm_87, A100, L4, H100): INT4 weight-only block quantization, "
+                   "K a multiple of the block size; ONNX Runtime >= 1.20 (CPU, dequantizes at load)",
+           "int8": "TensorRT >= 10.0, sm_75+: INT8 weight-only (per-channel DQ into the GEMM); ONNX Runtime (CPU)"},
+    "nbits": {"int4": "ONNX Runtime >= 1.17 CPU (MLAS 4-bit kernels); not TensorRT",
+              "int8": "ONNX Runtime >= 1.20 CPU (8-bit MatMulNBits); not TensorRT"},
+}
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """A [K, N] weight as codes [K, N] (int8 holding `bits`-bit values) times scales [ceil(K / block), N]."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    bits: int
+    block: int  # rows of K sharing a scale; K itself for per-output-channel
+
+    def dequantize(self) -> np.ndarray:
+        k = self.codes.shape[0]
+        return self.codes.astype(np.float32) * np.repeat(self.scales, self.block, axis=0)[:k]
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def quantize(w: np.ndarray, bits: int, block: int, amax: np.ndarray | None = None) -> WeightQuant:
+    """Round to nearest, symmetric, a scale per block of `block` rows and column; `amax`
+    ([blocks, N], default each block's max |w|) clips the range (AWQ's clipping search)."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    padded = np.zeros((blocks * block, n), np.float32)
+    padded[:k] = w
+    grouped = padded.reshape(blocks, block, n)
+    if amax is None:
+        amax = np.abs(grouped).max(axis=1)
+    scales = (np.clip(amax, 1e-8, None) / qmax(bits)).astype(np.float32)
+    codes = np.clip(np.round(grouped / scales[:, None, :]), -qmax(bits) - 1, qmax(bits))
+    return WeightQuant(codes.reshape(-1, n)[:k].astype(np.int8), scales, bits, block)
+
+
+def block_of(recipe: Recipe, k: int) -> int:
+    """int4: the recipe's group size along K; int8: the whole of K (per output channel)."""
+    return recipe.group_size if recipe.weight_bits == 4 else k
+
+
+def nbits_block(q: WeightQuant) -> int:
+    """MatMulNBits' block: the quantization block when it is a power of two >= 16, else
+    (per-channel) the largest of NBITS_BLOCKS dividing K, the scale repeated per block."""
+    if q.block in NBITS_BLOCKS or (q.block & (q.block - 1) == 0 and q.block >= 16):
+        return q.block
+    k = q.codes.shape[0]
+    if q.block < k:
+        raise ValueError(f"block {q.block} is not a power of two >= 16 (MatMulNBits)")
+    return next((b for b in NBITS_BLOCKS if k % b == 0), NBITS_BLOCKS[0])
+
+
+# --- the two forms, from one WeightQuant --------------------------------------------------------
+
+
+def _pack_int4(codes: np.ndarray) -> bytes:
+    """ONNX INT4: two values a byte, the first in the low nibble (row-major order)."""
+    flat = (codes.ravel() & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def dq_tensors(q: WeightQuant, base: str, float_dtype: type) -> tuple[list[TensorProto], onnx.NodeProto]:
+    """The initializers and the DequantizeLinear node of the TensorRT form."""
+    k, n = q.codes.shape
+    if q.bits == 4:
+        codes = helper.make_tensor(f"{base}.quantized", TensorProto.INT4, [k, n], vals=_pack_int4(q.codes), raw=True)
+        scale = numpy_helper.from_array(q.scales.astype(float_dtype), f"{base}.scale")
+        node = helper.make_node("DequantizeLinear", [codes.name, scale.name], [f"{base}.dequantized"],
+                                name=f"{base}.weight_dq", axis=0, block_size=q.block)
+    else:
+        codes = numpy_helper.from_array(q.codes, f"{base}.quantized")
+        scale = numpy_helper.from_array(q.scales[0].astype(float_dtype), f"{base}.scale")
+        node = helper.make_node("DequantizeLinear", [codes.name, scale.name], [f"{base}.dequantized"],
+                                name=f"{base}.weight_dq", axis=1)
+    return [codes, scale], node
+
+
+def nbits_arrays(q: WeightQuant) -> tuple[np.ndarray, np.ndarray, int]:
+    """MatMulNBits' B [N, k_blocks, blob] (uint8) and scales [N, k_blocks], and its block size."""
+    k, n = q.codes.shape
+    block = nbits_block(q)
+    blocks = -(-k // block)
+    unsigned = np.full((blocks * block, n), 2 ** (q.bits - 1), np.uint8)  # padding decodes to 0
+    unsigned[:k] = (q.codes.astype(np.int16) + 2 ** (q.bits - 1)).astype(np.uint8)
+    per_col = unsigned.T.reshape(n, blocks, block)
+    packed = per_col[..., 0::2] | (per_col[..., 1::2] << 4) if q.bits == 4 else per_col
+    rows = np.repeat(q.scales, q.block // block, axis=0)[:blocks] if q.block > block else q.scales
+    return np.ascontiguousarray(packed), np.ascontiguousarray(rows.T), block
+
+
+def nbits_node(q: WeightQuant, base: str, activation: str, output: str, float_dtype: type,
+               accuracy_level: int = 0) -> tuple[list[TensorProto], onnx.NodeProto]:
+    """The initializers and MatMulNBits node of the ONNX Runtime form (no zero points: the default 2^(bits-1))."""
+    packed, scales, block = nbits_arrays(q)
+    k, n = q.codes.shape
+    b = numpy_helper.from_array(packed, f"{base}.nbits")
+    s = numpy_helper.from_array(scales.astype(float_dtype), f"{base}.nbits_scale")
+    node = helper.make_node("MatMulNBits", [activation, b.name, s.name], [output], name=f"{base}.matmul_nbits",
+                            domain=MS_DOMAIN, K=k, N=n, bits=q.bits, block_size=block, accuracy_level=accuracy_level)
+    return [b, s], node
+
+
+def decode_dq(codes: TensorProto, scale: TensorProto, node: onnx.NodeProto) -> np.ndarray:
+    """What a DequantizeLinear node of `dq_tensors` computes (read back through onnx)."""
+    c = numpy_helper.to_array(codes).astype(np.float32)
+    s = numpy_helper.to_array(scale).astype(np.float32)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if "block_size" in attrs:
+        return c * np.repeat(s, attrs["block_size"], axis=0)[:c.shape[0]]
+    return c * s[None, :]
+
+
+def decode_nbits(packed: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """What MatMulNBits reads from `packed` and `scales`, as a [K, N] weight (spec semantics)."""
+    n, blocks, _ = packed.shape
+    if bits == 4:
+        codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, blocks, -1)
+    else:
+        codes = packed
+    values = (codes.astype(np.float32) - 2 ** (bits - 1)) * scales.astype(np.float32)[..., None]
+    return values.reshape(n, -1)[:, :k].T
+
+
+# --- graph rewrite ------------------------------------------------------------------------------
+
+
+def rewrite(model: onnx.ModelProto, sites: list[qdq.Site], quants: dict[str, WeightQuant], form: str,
+            accuracy_level: int = 0) -> int:
+    """Replace each site's float weight by its quantization in `form`; returns the bytes saved."""
+    graph = model.graph
+    init = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    float_dtype = np.float16 if qdq.float_type(model) == TensorProto.FLOAT16 else np.float32
+    new_inits: list[TensorProto] = []
+    before: dict[str, list[onnx.NodeProto]] = {}
+    replaced: dict[str, onnx.NodeProto] = {}
+    saved = 0
+    for s in sites:
+        q = quants[s.node]
+        base = "lm_head.weight" if s.transposed else s.weight
+        matmul = nodes[s.node]
+        if form == "dq":
+            tensors, dq = dq_tensors(q, base, float_dtype)
+            before[s.node] = [dq]
+            matmul.input[1] = dq.output[0]
+        else:
+            tensors, replaced[s.node] = nbits_node(q, base, matmul.input[0], matmul.output[0], float_dtype,
+                                                   accuracy_level)
+        new_inits += tensors
+        saved += init[s.weight].ByteSize() - sum(t.ByteSize() for t in tensors)
+    if replaced:
+        kept = [replaced.get(n.name, n) for n in graph.node]
+        del graph.node[:]
+        graph.node.extend(kept)
+        if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    qdq._insert_before(graph, before)
+    qdq._drop_unused(graph)
+    graph.initializer.extend(new_inits)
+    if any(a.name == "block_size" for n in before.values() for a in n[0].attribute):
+        raise_opset(model, BLOCKED_DQ_OPSET)
+    return saved
+
+
+def raise_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default-domain opset of the graph and its local functions (opset 19 -> 21
+    changed only the types some ops accept, so nothing else in the graph changes)."""
+    for imports in [model.opset_import, *(f.opset_import for f in model.functions)]:
+        for o in imports:
+            if o.domain in ("", "ai.onnx") and o.version < version:
+                o.version = version
+    model.ir_version = max(model.ir_version, helper.find_min_ir_version_for(
+        [helper.make_opsetid("", version)], ignore_unknown=True))

@@ -1,0 +1,338 @@
+"""Weight-only formats (int8_wo, int4_rtn, int4_awq): the quantizer, AWQ's searches, the two
+graph forms (DequantizeLinear for TensorRT, MatMulNBits for ONNX Runtime), calibrated tiny
+artifacts, perplexity and `validate --text-only`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from saisa_edge.artifacts import MANIFEST_NAME
+from saisa_edge.backends.ort import OrtBackend
+from saisa_edge.backends.pytorch import TorchBackend
+from saisa_edge.calibration import awq, weight_only
+from saisa_edge.calibration.calibrate import calibrate
+from saisa_edge.calibration.data import pairs
+from saisa_edge.calibration.recipe import make_recipe
+from saisa_edge.checkpoint.loader import load_checkpoint
+from saisa_edge.cli import main
+from saisa_edge.errors import SaisaError
+from saisa_edge.evaluation import perplexity as ppl
+from saisa_edge.artifacts import open_artifact
+from saisa_edge.inputs.tokenizer import PromptTokenizer
+from saisa_edge.runtime.kv import TextCache
+from saisa_edge.plugins.build import check_precision_for
+from saisa_edge.targets import target
+from tests.conftest import DEMO_IMAGE
+from tests.test_calibration import float_artifact  # noqa: F401  (the tiny fp32 artifact fixture)
+
+
+def _weight(k: int, n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+
+
+# --- the quantizer ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits, block, k", [(4, 128, 576), (4, 32, 96), (4, 128, 48), (8, 576, 576), (8, 100, 100)])
+def test_round_to_nearest_is_within_half_a_step(bits, block, k):
+    w = _weight(k, 24)
+    q = weight_only.quantize(w, bits, block)
+    assert q.scales.shape == (-(-k // block), 24)
+    assert q.codes.min() >= -(2 ** (bits - 1)) and q.codes.max() <= 2 ** (bits - 1) - 1
+    step = np.repeat(q.scales, block, axis=0)[:k]
+    assert np.all(np.abs(w - q.dequantize()) <= step / 2 + 1e-6)
+    # each block's largest weight lands on the grid's end: the range is used
+    assert np.abs(q.codes).max() == 2 ** (bits - 1) - 1
+
+
+def _forms(q: weight_only.WeightQuant) -> tuple[np.ndarray, np.ndarray]:
+    tensors, node = weight_only.dq_tensors(q, "w", np.float32)
+    packed, scales, _ = weight_only.nbits_arrays(q)
+    return weight_only.decode_dq(*tensors, node), weight_only.decode_nbits(packed, scales, q.codes.shape[0], q.bits)
+
+
+@pytest.mark.parametrize("bits, block, k", [(4, 128, 576), (4, 64, 192), (4, 128, 48), (8, 576, 576),
+                                            (8, 48, 48), (8, 100, 100)])
+def test_both_forms_decode_to_the_same_weights(bits, block, k):
+    q = weight_only.quantize(_weight(k, 10, seed=k), bits, block)
+    dq, nbits = _forms(q)
+    np.testing.assert_array_equal(dq, q.dequantize())
+    np.testing.assert_array_equal(nbits, q.dequantize())
+
+
+def _matmul_model(q: weight_only.WeightQuant, form: str) -> onnx.ModelProto:
+    """x [2, 3, K] @ W in one of three forms: float (the dequantized weight), dq, nbits."""
+    k, n = q.codes.shape
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])
+    opsets = [helper.make_opsetid("", 21)]
+    if form == "float":
+        inits = [numpy_helper.from_array(q.dequantize(), "w")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    elif form == "dq":
+        inits, dq = weight_only.dq_tensors(q, "w", np.float32)
+        nodes = [dq, helper.make_node("MatMul", ["x", dq.output[0]], ["y"])]
+    else:
+        inits, node = weight_only.nbits_node(q, "w", "x", "y", np.float32)
+        nodes = [node]
+        opsets.append(helper.make_opsetid(weight_only.MS_DOMAIN, 1))
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=opsets, ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("bits, block, k", [(4, 128, 576), (4, 32, 64), (8, 576, 576), (8, 48, 48)])
+def test_onnx_runtime_runs_both_forms_as_the_dequantized_float_graph(bits, block, k):
+    q = weight_only.quantize(_weight(k, 40, seed=1), bits, block)
+    x = np.random.default_rng(2).standard_normal((2, 3, k)).astype(np.float32)
+    out = {}
+    options = ort.SessionOptions()  # ORT fuses DQ -> MatMul into MatMulNBits at accuracy level 4 (int8
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # activations) unless told
+    for form in ("float", "dq", "nbits"):
+        sess = ort.InferenceSession(_matmul_model(q, form).SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"])
+        out[form] = sess.run(["y"], {"x": x})[0]
+    scale = np.abs(out["float"]).max()
+    for form in ("dq", "nbits"):
+        np.testing.assert_allclose(out[form], out["float"], rtol=0, atol=1e-5 * scale, err_msg=form)
+
+
+def test_nbits_layout_is_what_the_spec_says():
+    """Spec: B [N, k_blocks, block*bits/8], low nibble first along K, codes + 2^(bits-1)."""
+    codes = np.zeros((32, 2), np.int8)
+    codes[0, 1], codes[1, 1] = -8, 7  # column 1, K 0 and 1: unsigned 0 and 15 -> one byte 0xF0
+    q = weight_only.WeightQuant(codes, np.ones((1, 2), np.float32), 4, 32)
+    packed, scales, block = weight_only.nbits_arrays(q)
+    assert packed.shape == (2, 1, 16) and block == 32 and scales.shape == (2, 1)
+    assert packed[1, 0, 0] == 0xF0 and packed[0, 0, 0] == 0x88  # zeros sit at the default zero point 8
+
+
+# --- AWQ ------------------------------------------------------------------------------------------
+
+
+def _outlier_layer(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Activations with a few input channels 30x larger than the rest (what AWQ is for)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((256, 256)).astype(np.float32)
+    x[:, [3, 70, 141, 200]] *= 30.0
+    return x, rng.standard_normal((256, 96)).astype(np.float32) * 0.05
+
+
+def _output_error(x: np.ndarray, w: np.ndarray, approx: np.ndarray) -> float:
+    return float(np.mean((x @ approx - x @ w) ** 2))
+
+
+def test_awq_beats_round_to_nearest_on_outlier_channels():
+    x, w = _outlier_layer()
+    rtn = weight_only.quantize(w, 4, 128)
+    s, alpha, errors = awq.search_scale(x, np.abs(x).mean(axis=0), [w], lambda v: weight_only.quantize(v, 4, 128))
+    assert errors[0.0] == pytest.approx(_output_error(x, w, rtn.dequantize()), rel=1e-5)  # alpha 0 is RTN
+    assert alpha > 0
+    scaled = awq.quantize_layer(x / s, w * s[:, None], 4, 128, clip=True)
+    awq_err = _output_error(x, w, scaled.dequantize() / s[:, None])
+    rtn_err = _output_error(x, w, rtn.dequantize())
+    assert awq_err < 0.5 * rtn_err, (awq_err, rtn_err)
+
+
+def test_clipping_search_never_raises_the_error():
+    x, w = _outlier_layer(seed=1)
+    plain = weight_only.quantize(w, 4, 64)
+    clipped = awq.quantize_layer(x, w, 4, 64, clip=True)
+    assert _output_error(x, w, clipped.dequantize()) <= _output_error(x, w, plain.dequantize()) + 1e-9
+    assert np.all(clipped.scales <= plain.scales + 1e-7)
+
+
+def test_row_sample_keeps_a_bounded_uniform_sample_and_exact_means():
+    s = awq.RowSample(rows=50)
+    chunks = [np.full((30, 4), i, np.float32) for i in range(10)]
+    for c in chunks:
+        s.update(c[None])
+    assert s.sample is not None and s.sample.shape == (50, 4) and s.seen == 300
+    np.testing.assert_allclose(s.mean_abs, np.full(4, 4.5))
+    assert len(set(s.sample[:, 0])) > 5  # rows from many chunks, not only the first ones
+
+
+# --- recipes ------------------------------------------------------------------------------------
+
+
+def test_weight_only_recipes():
+    assert make_recipe("int8_sq", "cpu").precision == "int8"  # int8 is int8_sq's manifest name
+    assert make_recipe("int4_awq", "cpu").form == "nbits" and make_recipe("int4_awq", "orin-nano").form == "dq"
+    r = make_recipe("int4_awq", "orin-agx", group_size=64)
+    assert r.weight_only and r.awq and r.weight_bits == 4 and r.as_json()["group_size"] == 64
+    assert not make_recipe("int4_rtn", "cpu").awq and make_recipe("int8_wo", "a100").weight_bits == 8
+    with pytest.raises(SaisaError, match="--group-size 96: must be a power of two"):
+        make_recipe("int4_awq", "cpu", group_size=96)
+    assert make_recipe("int4_rtn", "cpu").as_json()["nbits_accuracy_level"] == 4
+    assert make_recipe("int4_rtn", "h100").as_json()["nbits_accuracy_level"] is None
+    with pytest.raises(SaisaError, match="--nbits-accuracy 2"):
+        make_recipe("int8_wo", "cpu", nbits_accuracy=2)
+
+
+# --- calibrated tiny artifacts ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, float_artifact):
+    root = tmp_path_factory.mktemp("wo-q")
+    data = pairs(open_artifact(float_artifact).config.vision, 4)
+    out = {}
+    for precision in ("int4_awq", "int4_rtn", "int8_wo"):
+        for tgt in ("cpu", "orin-agx"):
+            out[precision, tgt] = root / f"{precision}-{tgt}"
+            calibrate(float_artifact, out[precision, tgt], make_recipe(precision, tgt, keep=(), group_size=32),
+                      data, decode_steps=1)
+    return out
+
+
+def _logits(backend, pixels, cfg):
+    kv = backend.visual_kv(backend.vision(pixels), 2)
+    ids, pos = np.array([[3, 8, 2, 6, 1, 4]]), np.arange(6)[None] + 2
+    out, _ = backend.forward(ids, pos, TextCache.empty(cfg, 1, "fp32"), kv)
+    return torch.from_numpy(out.flatten())
+
+
+# tiny's random weights: a bound per format on the logit cosine against fp32
+COSINE_BOUND = {"int8_wo": 0.999, "int4_rtn": 0.97, "int4_awq": 0.97}
+
+
+def test_weight_only_artifacts_run_close_to_float(quantized, float_artifact, tiny_gqa_ckpt):
+    from saisa_edge.inputs.image import load_image, preprocess
+
+    pixels = preprocess(load_image(DEMO_IMAGE), tiny_gqa_ckpt.config.vision)[None]
+    cfg = tiny_gqa_ckpt.config.text
+    ref = _logits(OrtBackend(open_artifact(float_artifact)), pixels, cfg)
+    for (precision, tgt), folder in quantized.items():
+        got = _logits(OrtBackend(open_artifact(folder)), pixels, cfg)
+        cos = float(torch.nn.functional.cosine_similarity(ref, got, dim=0))
+        assert COSINE_BOUND[precision] < cos < 1.0, (precision, tgt, cos)
+
+
+def test_graph_forms_per_target(quantized):
+    for (precision, tgt), folder in quantized.items():
+        model = onnx.load(str(folder / "decoder.onnx"))
+        ops = [n.op_type for n in model.graph.node]
+        assert "QuantizeLinear" not in ops  # weight-only: activations stay float
+        opset = next(o.version for o in model.opset_import if o.domain == "")
+        if tgt == "cpu":
+            assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+            levels = {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
+                      for a in n.attribute if a.name == "accuracy_level"}
+            assert levels == {4}  # the recipe's default: ONNX Runtime's fast x86 kernels
+        else:
+            dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+            assert dqs and "MatMulNBits" not in ops
+            blocked = [n for n in dqs if any(a.name == "block_size" for a in n.attribute)]
+            assert bool(blocked) == precision.startswith("int4") and opset == (21 if blocked else 19)
+        details = json.loads((folder / MANIFEST_NAME).read_text())["details"]
+        q = details["quantization"]
+        assert q["recipe"]["form"] == ("nbits" if tgt == "cpu" else "dq") and q["runs_on"]
+        assert bool(q["awq_alpha"]) == (precision == "int4_awq")
+        assert details["graphs"]["decoder"]["quantized_linears"] > 0
+
+
+def _decoded_weights(folder) -> dict[str, np.ndarray]:
+    """Every quantized weight of the decoder, decoded from whichever form the graph holds."""
+    model = onnx.load(str(folder / "decoder.onnx"))
+    init = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith(".quantized"):
+            out[n.input[0].removesuffix(".quantized")] = weight_only.decode_dq(init[n.input[0]], init[n.input[1]], n)
+        elif n.op_type == "MatMulNBits":
+            out[n.input[1].removesuffix(".nbits")] = weight_only.decode_nbits(
+                numpy_helper.to_array(init[n.input[1]]), numpy_helper.to_array(init[n.input[2]]), attrs["K"],
+                attrs["bits"])
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int4_awq", "int4_rtn", "int8_wo"])
+def test_one_quantization_gives_both_forms(quantized, precision):
+    cpu, trt = _decoded_weights(quantized[precision, "cpu"]), _decoded_weights(quantized[precision, "orin-agx"])
+    assert cpu.keys() == trt.keys() and cpu
+    for name in cpu:
+        np.testing.assert_array_equal(cpu[name], trt[name], err_msg=name)
+
+
+def test_tensorrt_builds_accept_the_dq_form_only(quantized):
+    check_precision_for(open_artifact(quantized["int4_awq", "orin-agx"]), target("orin-nano"))
+    with pytest.raises(SaisaError, match="MatMulNBits: ONNX Runtime forms.*calibrate again with --target orin-agx"):
+        check_precision_for(open_artifact(quantized["int4_awq", "cpu"]), target("orin-agx"))
+
+
+# --- perplexity and validate --text-only ---------------------------------------------------------
+
+
+def test_perplexity_text_is_fixed_prose_and_backends_agree(float_artifact, tiny_gqa_dir):
+    tokenizer = PromptTokenizer.load(float_artifact)
+    chunks = ppl.Chunks.of(tokenizer, context=64, chunks=3)
+    assert len(chunks.ids) == 3 and all(len(c) == 64 for c in chunks.ids)
+    assert chunks == ppl.Chunks.of(tokenizer, context=64, chunks=3)
+    assert "argparse" in ppl.corpus().lower() and len(ppl.corpus().split()) > 2000
+    ort_ppl = ppl.perplexity(OrtBackend(open_artifact(float_artifact)), chunks)
+    torch_ppl = ppl.perplexity(TorchBackend(load_checkpoint(tiny_gqa_dir)), chunks)
+    assert ort_ppl == pytest.approx(torch_ppl, rel=1e-4)
+    nll = ppl.negative_log_likelihoods(OrtBackend(open_artifact(float_artifact)), chunks.ids[0])
+    assert nll.shape == (63,) and np.all(nll > 0)
+
+
+def test_validate_text_only_reports_perplexity_and_applies_its_mark(quantized, tiny_gqa_dir):
+    runner = CliRunner()
+    folder = quantized["int4_rtn", "cpu"]
+    result = runner.invoke(main, ["validate", str(folder), "--reference", str(tiny_gqa_dir), "--text-only",
+                                  "--samples", "2", "--json", "--min-cosine", "0", "--min-top1", "0",
+                                  "--min-greedy", "0", "--max-perplexity-increase", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["text_only"] and len(report["samples"]) == 2
+    s = report["summary"]
+    assert s["perplexity"] > 1 and s["reference_perplexity"] > 1 and s["perplexity"] != s["reference_perplexity"]
+    result = runner.invoke(main, ["validate", str(folder), "--reference", str(tiny_gqa_dir), "--text-only",
+                                  "--samples", "1", "--min-cosine", "0", "--min-top1", "0", "--min-greedy", "0",
+                                  "--max-perplexity-increase", "-1"])
+    assert result.exit_code == 1 and "perplexity increase" in result.output and "(text only)" in result.output
+
+
+# --- on paper: Orin -----------------------------------------------------------------------------
+
+
+def test_orin_plan_by_hand():
+    from saisa_edge.evaluation import orin
+
+    assert orin.bytes_per_weight("int4_awq", 4096) == 0.5 + 2 / 128
+    assert orin.bytes_per_weight("int8_wo", 4096) == 1 + 2 / 4096
+    p = orin.plan("vicuna-7b", "fp16", "orin-agx")
+    # decoder linears of LLaMA-7B: 32 x (4 x 4096^2 + 3 x 4096 x 11008) = 6.48e9 weights, 2 bytes each
+    decoder = 32 * (4 * 4096**2 + 3 * 4096 * 11008) * 2
+    kv = 2 * 32 * 32 * 128 * 2 * (576 + 2048)
+    assert p.kv_gb == round(kv / 1e9, 2) and p.bytes_per_token_gb == round((decoder + 32000 * 4096 * 2 + kv) / 1e9, 3)
+    assert p.tokens_per_s == round(204.8e9 / (decoder + 32000 * 4096 * 2 + kv), 1)
+    assert p.fits and not orin.plan("vicuna-7b", "fp16", "orin-nx").fits  # 15 GB of fp16 weights
+    assert orin.plan("vicuna-7b", "int4_awq", "orin-nx").fits
+    four, sixteen = orin.plan("llama3-8b", "int4_awq", "orin-nano"), orin.plan("llama3-8b", "fp16", "orin-nano")
+    assert 2.5 < four.tokens_per_s / sixteen.tokens_per_s < 4  # bandwidth-bound: the bytes decide
+    assert not any(r["format"] == "fp8" for r in orin.table())  # no FP8 tensor cores on Orin
+
+
+def test_cli_weight_only_flags_reach_the_graph(tmp_path, float_artifact):
+    out = tmp_path / "int4"
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(out), "--precision", "int4_rtn",
+                                       "--group-size", "16", "--nbits-accuracy", "0", "--report-samples", "0"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((out / MANIFEST_NAME).read_text())["details"]["quantization"]["recipe"]
+    assert recipe["group_size"] == 16 and recipe["nbits_accuracy_level"] == 0
+    node = next(n for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["block_size"] == 16 and attrs["accuracy_level"] == 0 and attrs["bits"] == 4
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "x"), "--precision",
+                                       "int4_awq", "--group-size", "100"])
+    assert result.exit_code == 2 and "--group-size 100: must be a power of two" in result.output
