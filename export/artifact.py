@@ -26,6 +26,7 @@ from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.model.dtypes import TORCH_DTYPES
 from saisa_edge.progress import say
+from saisa_edge.runtime.kv import PAD_POSITION
 
 OPSETS = range(18, 24)
 DEFAULT_OPSET = 19
@@ -106,7 +107,7 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
                       "crop_size": source.config.vision.crop_size, "image_mean": source.config.vision.image_mean,
                       "image_std": source.config.vision.image_std, "resample": "bicubic"},
             "naavit": {"domain": naavit.DOMAIN, "op_type": naavit.OP_TYPE, "plugin_version": naavit.PLUGIN_VERSION,
-                       "pad_position": naavit.PAD_POSITION},
+                       "pad_position": PAD_POSITION},
             "graphs": graphs,
             "source": {"checkpoint": str(source.path), "vision_tower": str(source.vision_tower_path)},
         }

@@ -39,7 +39,6 @@ import numpy as np
 from onnx import FunctionProto, TensorProto, helper
 
 from saisa_edge.export.graph import Builder
-from saisa_edge.runtime.kv import PAD_POSITION
 
 DOMAIN = "saisa"
 DOMAIN_VERSION = 1

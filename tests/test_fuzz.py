@@ -211,7 +211,7 @@ def _image_cases(rng: random.Random, folder: Path, n: int) -> list[Path]:
 def test_fuzz_image_headers(tmp_path):
     """Each case: load_image + preprocess to [3, 56, 56], or a one-line SaisaError."""
     n = max(len(imagefiles.FORMATS), CASES // 3)
-    paths = _image_cases(random.Random(1204), tmp_path, n)
+    _image_cases(random.Random(1204), tmp_path, n)
     script = _CASE_LOOP + f"""
 from pathlib import Path
 from saisa_edge.config import VisionConfig

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from saisa_edge.cli import main

@@ -8,29 +8,20 @@ greedy answer, and the greedy match, as `validate` does for image+prompt pairs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from saisa_edge.backends import Backend
-from saisa_edge.evaluation.validate import STEPS, Report, Thresholds, _cosine, _greedy_match, perplexity_line
+from saisa_edge.evaluation.validate import (
+    STEPS, Report, TextSample, Thresholds, _cosine, _greedy_match, perplexity_line,
+)
 from saisa_edge.inputs.conversation import Template
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.runtime.kv import TextCache
 from saisa_edge.runtime.sampling import SamplingParams
 from saisa_edge.runtime.session import Request, Session, user_message
-
-
-@dataclass
-class TextSample:
-    prompt: str
-    cosine_min: float
-    cosine_mean: float
-    top1: float
-    greedy: float
-    reference_tokens: list[int] = field(default_factory=list)
-    candidate_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -91,20 +91,28 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @dataclass
-class SampleReport:
-    image: str
+class TextSample:
+    """One prompt end to end: logit cosine per teacher-forced step, top-1, greedy match."""
+
     prompt: str
-    vision: StageError
-    visual_kv: StageError  # all layers together
-    worst_layer: int
-    worst_layer_error: StageError
-    decoder: StageError  # logits, decoder alone (reference visual K/V)
-    cosine_min: float  # end to end, per teacher-forced step
+    cosine_min: float
     cosine_mean: float
     top1: float
     greedy: float
     reference_tokens: list[int] = field(default_factory=list)
     candidate_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class SampleReport(TextSample):
+    """An image+prompt pair: the end-to-end numbers and each graph's own error."""
+
+    image: str
+    vision: StageError
+    visual_kv: StageError  # all layers together
+    worst_layer: int
+    worst_layer_error: StageError
+    decoder: StageError  # logits, decoder alone (reference visual K/V)
 
 
 @dataclass
