@@ -27,16 +27,23 @@ def _sibling(out: Path, role: str) -> Path:
     return out.parent / f".{out.name}.{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def writer_alive(pid: int) -> bool:
+    """Whether process `pid` (a writer named in a temporary's name) still runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or no process could have that number
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _writer_gone(pid: int, path: Path) -> bool:
     try:
-        if time.time() - path.lstat().st_mtime > STALE_SECONDS:
-            return True
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, FileNotFoundError):  # another user's live process; a sibling already gone
+        age = time.time() - path.lstat().st_mtime
+    except FileNotFoundError:  # a sibling already gone
         return False
-    return False
+    return age > STALE_SECONDS or not writer_alive(pid)
 
 
 def _remove(path: Path) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load as load_arrays, save as save_arrays
 
+from saisa_edge.artifacts.folders import writer_alive
 from saisa_edge.config import TextConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.progress import warn
@@ -350,9 +351,6 @@ def _orphan(tmp: Path) -> bool:
         return True
     try:
         pid = int(tmp.name.rsplit(".tmp-", 1)[1].split("-")[0])
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return age > ORPHAN_SECONDS
-    except (ValueError, IndexError, PermissionError, OSError):
+    except (ValueError, IndexError):
         return False
-    return False
+    return age > ORPHAN_SECONDS and not writer_alive(pid)
