@@ -144,6 +144,48 @@ several times the largest released model of its kind (LLaMA-3.1-405B: 126 layers
 128 heads, 128k positions; vocabularies up to 256k; CLIP towers up to 48 layers, 1024 px,
 37 patches a side)."""
 
+UPPER_BOUNDS: dict[str, int] = {
+    "vocab_size": _VOCAB, "hidden_size": _WIDTH, "intermediate_size": _WIDTH, "num_hidden_layers": _LAYERS,
+    "num_attention_heads": _HEADS, "num_key_value_heads": _HEADS, "max_position_embeddings": _POSITIONS,
+    "original_max_position_embeddings": _POSITIONS, "head_dim_override": 4096, "eos_token_ids": _VOCAB - 1,
+    "mm_hidden_size": _WIDTH, "select_layer": _LAYERS, "projector_depth": 16, "image_size": _IMAGE_SIDE,
+    "patch_size": _IMAGE_SIDE, "num_channels": 3, "crop_size": _IMAGE_SIDE, "resize_shortest_edge": _IMAGE_SIDE,
+}
+"""The largest value of each integer field of the config dataclasses, by field name: the one table
+both readers (config.json here, a manifest's config in `artifacts.schema`) bound sizes with."""
+
+
+def check_text(t: TextConfig, where: str) -> None:
+    """The relations between a decoder's sizes, which no single field shows."""
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise SaisaError(f"{where}: num_attention_heads={t.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads={t.num_key_value_heads}")
+    if t.head_dim_override is None and t.hidden_size % t.num_attention_heads:
+        raise SaisaError(f"{where}: hidden_size={t.hidden_size} is not a multiple of "
+                         f"num_attention_heads={t.num_attention_heads}")
+    if t.head_dim % 2:
+        raise SaisaError(f"{where}: the head dimension {t.head_dim} is odd; RoPE needs it even")
+    r = t.rope_scaling
+    if r is not None and r.kind == "llama3" and r.high_freq_factor <= r.low_freq_factor:
+        raise SaisaError(f"{where}: rope_scaling high_freq_factor must be greater than low_freq_factor "
+                         f"(got {r.low_freq_factor}, {r.high_freq_factor})")
+
+
+def check_vision(v: VisionConfig, where: str) -> None:
+    """The relations between a CLIP tower's sizes and its preprocessing."""
+    if v.hidden_size % v.num_attention_heads:
+        raise SaisaError(f"{where}: hidden_size={v.hidden_size} is not a multiple of "
+                         f"num_attention_heads={v.num_attention_heads}")
+    if v.image_size % v.patch_size or v.image_size // v.patch_size > _PATCHES_PER_SIDE:
+        raise SaisaError(f"{where}: image_size={v.image_size} must be a multiple of patch_size={v.patch_size} "
+                         f"with at most {_PATCHES_PER_SIDE} patches a side")
+    if v.crop_size != v.image_size:
+        raise SaisaError(f"{where}: crop_size {v.crop_size} but the tower's image_size is {v.image_size}; "
+                         "they must match")
+    if v.resize_shortest_edge < v.crop_size:
+        raise SaisaError(f"{where}: the resize size (preprocessor 'size') {v.resize_shortest_edge} is smaller "
+                         f"than crop_size {v.crop_size}")
+
 
 _ROPE_NEEDS = {"linear": ("factor",),
                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -173,16 +215,15 @@ def _rope_scaling(raw: Any, where: str, name: str = "rope_scaling") -> RopeScali
     if kind == "linear":
         return RopeScaling("linear", factors[0])
     factor, low, high = factors
-    if high <= low:
-        raise SaisaError(f"{what}: high_freq_factor must be greater than low_freq_factor (got {low}, {high})")
     original = strict.integer(raw["original_max_position_embeddings"], f"{what} original_max_position_embeddings",
-                              1, _POSITIONS)
+                              1, UPPER_BOUNDS["original_max_position_embeddings"])
     return RopeScaling("llama3", factor, low, high, original)
 
 
 def _eos_ids(value: Any, where: str) -> tuple[int, ...]:
     values = value if isinstance(value, list) else [] if value is None else [value]
-    return tuple(strict.integer(v, f"{where}: field 'eos_token_id'", 0, _VOCAB - 1) for v in values)
+    return tuple(strict.integer(v, f"{where}: field 'eos_token_id'", 0, UPPER_BOUNDS["eos_token_ids"])
+                 for v in values)
 
 
 def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
@@ -197,18 +238,8 @@ def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
         )
     f = strict.Fields(raw, where)
     req = strict.REQUIRED
-    hidden = f.integer("hidden_size", req, 1, _WIDTH)
-    heads = f.integer("num_attention_heads", req, 1, _HEADS)
-    kv_heads = f.integer("num_key_value_heads", heads, 1, heads)
-    if heads % kv_heads:
-        raise SaisaError(
-            f"{where}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
-        )
-    head_dim = f.integer("head_dim", None, 2, 4096)
-    if head_dim is None and hidden % heads:
-        raise SaisaError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    if (head_dim or hidden // heads) % 2:
-        raise SaisaError(f"{where}: the head dimension {head_dim or hidden // heads} is odd; RoPE needs it even")
+    B = UPPER_BOUNDS
+    heads = f.integer("num_attention_heads", req, 1, B["num_attention_heads"])
     hidden_act = f.string("hidden_act", "silu")
     if hidden_act != "silu":
         raise SaisaError(f"{where}: hidden_act {hidden_act!r} is not supported (LLaMA uses 'silu')")
@@ -224,22 +255,23 @@ def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
     eos_ids = _eos_ids(f.raw.pop("eos_token_id", 2), where)
 
     text = TextConfig(
-        vocab_size=f.integer("vocab_size", req, 1, _VOCAB),
-        hidden_size=hidden,
-        intermediate_size=f.integer("intermediate_size", req, 1, _WIDTH),
-        num_hidden_layers=f.integer("num_hidden_layers", req, 1, _LAYERS),
+        vocab_size=f.integer("vocab_size", req, 1, B["vocab_size"]),
+        hidden_size=f.integer("hidden_size", req, 1, B["hidden_size"]),
+        intermediate_size=f.integer("intermediate_size", req, 1, B["intermediate_size"]),
+        num_hidden_layers=f.integer("num_hidden_layers", req, 1, B["num_hidden_layers"]),
         num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=f.integer("max_position_embeddings", 4096, 1, _POSITIONS),
+        num_key_value_heads=f.integer("num_key_value_heads", heads, 1, heads),
+        max_position_embeddings=f.integer("max_position_embeddings", 4096, 1, B["max_position_embeddings"]),
         rms_norm_eps=f.number("rms_norm_eps", 1e-6, 0, 1, open_lo=True),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=f.boolean("tie_word_embeddings", False),
         attention_bias=f.boolean("attention_bias", False),
         mlp_bias=f.boolean("mlp_bias", False),
-        head_dim_override=head_dim,
+        head_dim_override=f.integer("head_dim", None, 2, B["head_dim_override"]),
         eos_token_ids=eos_ids,
     )
+    check_text(text, where)
 
     if f.raw.get("mm_vision_tower") is None and f.raw.get("vision_tower") is None:
         raise SaisaError(f"{where}: no mm_vision_tower: this is not a multimodal LLaVA/SAISA config")
@@ -250,7 +282,7 @@ def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
     match = _PROJECTOR_RE.match(projector)
     if projector == "linear":
         depth = 0
-    elif match and 1 <= int(match.group(1)) <= 16:
+    elif match and 1 <= int(match.group(1)) <= UPPER_BOUNDS["projector_depth"]:
         depth = int(match.group(1))
     else:
         raise SaisaError(
@@ -278,8 +310,8 @@ def parse_config(raw: dict[str, Any], where: str) -> SaisaConfig:
 
     mm = MultimodalConfig(
         vision_tower=tower,
-        mm_hidden_size=f.integer("mm_hidden_size", req, 1, _WIDTH),
-        select_layer=f.integer("mm_vision_select_layer", -2, -_LAYERS - 1, _LAYERS),
+        mm_hidden_size=f.integer("mm_hidden_size", req, 1, B["mm_hidden_size"]),
+        select_layer=f.integer("mm_vision_select_layer", -2, -B["select_layer"] - 1, B["select_layer"]),
         select_feature=feature,
         projector_depth=depth,
         image_aspect_ratio=aspect,
@@ -309,7 +341,7 @@ def _pixels(value: Any, what: str, key: str) -> int:
         if key == "height" and value.get("width", value["height"]) != value["height"]:
             raise SaisaError(f"{what} is not square ({strict.show(value)}); CLIP crops squares")
         value = value[key]
-    return strict.integer(value, what, 1, _IMAGE_SIDE)
+    return strict.integer(value, what, 1, UPPER_BOUNDS["crop_size"])
 
 
 def _channels(value: Any, what: str, hi: float, positive: bool) -> tuple[float, float, float]:
@@ -333,41 +365,30 @@ def parse_vision_config(raw: dict[str, Any], preprocessor: dict[str, Any] | None
     act = f.string("hidden_act", d.hidden_act)
     if act not in ("quick_gelu", "gelu"):
         raise SaisaError(f"{where}: hidden_act {strict.show(act)} is not supported (quick_gelu, gelu)")
-    hidden = f.integer("hidden_size", d.hidden_size, 1, _WIDTH)
-    heads = f.integer("num_attention_heads", d.num_attention_heads, 1, _HEADS)
-    if hidden % heads:
-        raise SaisaError(f"{where}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    image_size = f.integer("image_size", d.image_size, 1, _IMAGE_SIDE)
-    patch = f.integer("patch_size", d.patch_size, 1, image_size)
-    if image_size % patch or image_size // patch > _PATCHES_PER_SIDE:
-        raise SaisaError(f"{where}: image_size={image_size} must be a multiple of patch_size={patch} "
-                         f"with at most {_PATCHES_PER_SIDE} patches a side")
+    B = UPPER_BOUNDS
+    image_size = f.integer("image_size", d.image_size, 1, B["image_size"])
     if f.integer("num_channels", 3, 1, 3) != 3:
         raise SaisaError(f"{where}: num_channels must be 3 (images are preprocessed to RGB)")
     pre_where = f"{preprocessor_where}: field"
     pre = strict.Fields(preprocessor or {}, preprocessor_where)
     crop_raw, size_raw = pre.raw_value("crop_size"), pre.raw_value("size")
-    crop = _pixels(image_size if crop_raw is None else crop_raw, f"{pre_where} 'crop_size'", "height")
-    if crop != image_size:
-        raise SaisaError(f"{pre_where} 'crop_size' is {crop} but the tower's image_size is {image_size} "
-                         f"({where}); they must match")
-    shortest = _pixels(image_size if size_raw is None else size_raw, f"{pre_where} 'size'", "shortest_edge")
-    if shortest < crop:
-        raise SaisaError(f"{pre_where} 'size' ({shortest}) is smaller than crop_size ({crop})")
     mean = pre.raw_value("image_mean")
     std = pre.raw_value("image_std")
-    return VisionConfig(
-        hidden_size=hidden,
-        intermediate_size=f.integer("intermediate_size", d.intermediate_size, 1, _WIDTH),
-        num_hidden_layers=f.integer("num_hidden_layers", d.num_hidden_layers, 1, _LAYERS),
-        num_attention_heads=heads,
+    vision = VisionConfig(
+        hidden_size=f.integer("hidden_size", d.hidden_size, 1, B["hidden_size"]),
+        intermediate_size=f.integer("intermediate_size", d.intermediate_size, 1, B["intermediate_size"]),
+        num_hidden_layers=f.integer("num_hidden_layers", d.num_hidden_layers, 1, B["num_hidden_layers"]),
+        num_attention_heads=f.integer("num_attention_heads", d.num_attention_heads, 1, B["num_attention_heads"]),
         image_size=image_size,
-        patch_size=patch,
+        patch_size=f.integer("patch_size", d.patch_size, 1, image_size),
         num_channels=3,
         layer_norm_eps=f.number("layer_norm_eps", d.layer_norm_eps, 0, 1, open_lo=True),
         hidden_act=act,
         image_mean=d.image_mean if mean is None else _channels(mean, f"{pre_where} 'image_mean'", 1, False),
         image_std=d.image_std if std is None else _channels(std, f"{pre_where} 'image_std'", 1e3, True),
-        crop_size=crop,
-        resize_shortest_edge=shortest,
+        crop_size=_pixels(image_size if crop_raw is None else crop_raw, f"{pre_where} 'crop_size'", "height"),
+        resize_shortest_edge=_pixels(image_size if size_raw is None else size_raw, f"{pre_where} 'size'",
+                                     "shortest_edge"),
     )
+    check_vision(vision, f"{where} with {preprocessor_where}")
+    return vision

@@ -303,6 +303,13 @@ def _delete(*path):
     (lambda m: _set("details", "config", "text", "num_hidden_layers", 3)(m) or m,
      "recorded inputs and outputs disagree with details.config"),
     (lambda m: _set("details", "graphs", "decoder", 7)(m) or m, "details.graphs.decoder is not an object"),
+    # bounded by the table config.json is read with, and related by the same checks (config.check_text)
+    (lambda m: _set("details", "config", "text", "max_position_embeddings", 1 << 40)(m) or m,
+     "max_position_embeddings: 1099511627776 is over the bound of 16777216"),
+    (lambda m: _set("details", "config", "text", "num_key_value_heads", 3)(m) or m,
+     "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (lambda m: _set("details", "config", "vision", "crop_size", 28)(m) or m,
+     "crop_size 28 but the tower's image_size is 56; they must match"),
     (lambda m: _set("files", "vision.onnx", {"sha256": "x", "bytes": 1})(m) or m, "is not {sha256"),
     (lambda m: _set("kind", ["onnx-artifact"])(m) or m, "kind is a JSON list, not str"),
 ])

@@ -115,11 +115,11 @@ _VISION_CASES = [
     ({}, {"image_mean": [0.5, 0.5, 300]}, "'image_mean' must be a finite number >= 0 and <= 1"),
     ({}, {"image_std": [0.25, 0, 0.25]}, "'image_std' must be a finite number > 0"),
     ({}, {"image_std": "0.25"}, "'image_std' must be a list of 3 numbers"),
-    ({}, {"crop_size": 64}, "'crop_size' is 64 but the tower's image_size is 56"),
+    ({}, {"crop_size": 64}, "crop_size 64 but the tower's image_size is 56"),
     ({}, {"crop_size": {"height": 56, "width": 64}}, "'crop_size' is not square"),
     ({}, {"crop_size": {"width": 56}}, "'crop_size' has no 'height'"),
     ({}, {"size": {"height": 56}}, "'size' has no 'shortest_edge'"),
-    ({}, {"size": 40}, "'size' \\(40\\) is smaller than crop_size \\(56\\)"),
+    ({}, {"size": 40}, "'size'\\) 40 is smaller than crop_size 56"),
     ({}, {"size": 0}, "'size' must be an integer in \\[1, 4096\\]"),
 ]
 

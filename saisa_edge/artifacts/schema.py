@@ -13,7 +13,7 @@ import typing
 from dataclasses import fields, is_dataclass
 from typing import Any, TypeVar, Union
 
-from saisa_edge.config import SaisaConfig
+from saisa_edge.config import UPPER_BOUNDS, SaisaConfig, check_text, check_vision
 from saisa_edge.errors import SaisaError
 
 T = TypeVar("T")
@@ -49,6 +49,8 @@ def _value(hint: Any, value: Any, name: str, where: str) -> Any:
     if hint is int:
         if type(value) is not int or (value <= 0 and name not in _SIGNED) or (name == "projector_depth" and value < 0):
             raise SaisaError(f"{where}.{name}: {value!r} is not a {'' if name in _SIGNED else 'positive '}integer")
+        if abs(value) > UPPER_BOUNDS.get(name, abs(value)):
+            raise SaisaError(f"{where}.{name}: {value} is over the bound of {UPPER_BOUNDS[name]}")
         return value
     if hint is float:
         if type(value) not in (int, float) or not math.isfinite(value) or (value <= 0 and name not in _SIGNED):
@@ -76,18 +78,11 @@ def build(cls: type[T], raw: Any, where: str) -> T:
 
 
 def config_from_json(raw: Any, where: str = "config") -> SaisaConfig:
-    """The model config a manifest carries, checked field by field; then its derived sizes."""
+    """The model config a manifest carries, checked field by field against the bounds config.json
+    is read with (`config.UPPER_BOUNDS`); then the relations between its sizes, by the same checks."""
     cfg = build(SaisaConfig, raw, where)
-    t, v = cfg.text, cfg.vision
-    if t.head_dim_override is None and t.hidden_size % t.num_attention_heads:
-        raise SaisaError(f"{where}.text: hidden_size {t.hidden_size} is not a multiple of num_attention_heads "
-                         f"{t.num_attention_heads}")
-    if t.num_attention_heads % t.num_key_value_heads:
-        raise SaisaError(f"{where}.text: num_attention_heads {t.num_attention_heads} is not a multiple of "
-                         f"num_key_value_heads {t.num_key_value_heads}")
-    if v.num_patches == 0 or v.crop_size != v.image_size:
-        raise SaisaError(f"{where}.vision: image_size {v.image_size}, crop_size {v.crop_size} and patch_size "
-                         f"{v.patch_size} give no patch grid")
+    check_text(cfg.text, f"{where}.text")
+    check_vision(cfg.vision, f"{where}.vision")
     cfg.vision_layers_used()  # select_layer inside the tower
     return cfg
 
