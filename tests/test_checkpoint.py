@@ -40,6 +40,19 @@ def test_every_form_loads_the_same_weights(tmp_path, spec, dtype, fmt, shard_mb)
         torch.testing.assert_close(got, want.to(torch_dtype).float(), atol=0, rtol=0)
 
 
+def test_each_weight_file_is_opened_at_most_twice(tmp_path, spec, monkeypatch):
+    """Once to list its names, once for all its tensors' shapes and data: not once per tensor."""
+    from saisa_edge.checkpoint import tensors
+
+    out = write_checkpoint(spec, tmp_path / "c", dtype="fp32", fmt="safetensors", shard_mb=0.2)
+    opened: list[str] = []
+    real = tensors.safe_open
+    monkeypatch.setattr(tensors, "safe_open", lambda path, **k: opened.append(path) or real(path, **k))
+    load_checkpoint(out)
+    files = set(opened)
+    assert len(files) > 1 and all(opened.count(f) <= 2 for f in files), opened
+
+
 def test_compute_dtype(tiny_dir):
     ckpt = load_checkpoint(tiny_dir, dtype=torch.bfloat16)
     assert ckpt.dtype == torch.bfloat16 and ckpt.vision.vision_model.pre_layrnorm.weight.dtype == torch.bfloat16

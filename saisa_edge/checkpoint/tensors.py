@@ -14,6 +14,7 @@ import warnings
 import zipfile
 from collections.abc import KeysView
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -39,6 +40,7 @@ class TensorFiles:
         self.folder = folder
         self._where = locations
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        self._opened: dict[Path, Any] = {}  # one safetensors handle per file: its header is parsed once
 
     @classmethod
     def open(cls, folder: Path) -> "TensorFiles":
@@ -78,8 +80,10 @@ class TensorFiles:
         path = self._where[name]
         try:
             if path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as f:
-                    return list(f.get_slice(name).get_shape()) if header_only else f.get_tensor(name)
+                if path not in self._opened:
+                    self._opened[path] = safe_open(str(path), framework="pt")
+                f = self._opened[path]
+                return list(f.get_slice(name).get_shape()) if header_only else f.get_tensor(name)
             if path not in self._bins:
                 self._bins[path] = _load_bin(path)
             tensor = self._bins[path][name]
