@@ -315,11 +315,20 @@ def test_full_queue_is_429_with_retry_after(model, gate):
 
 
 def test_timeout_is_503_with_retry_after(model, gate):
+    """One request times out while it decodes, the other while it waits in the queue."""
     gate.delay = 0.05
-    with serving(_session(model), timeout_s=0.5) as (url, _):
-        err = _refused(lambda: _client(url).chat.completions.create(model=MODEL, messages=_ask("Hi", None),
-                                                                    max_tokens=500), 503, "timeout")
-        assert int(err.response.headers["retry-after"]) >= 1
+    with serving(_session(model), timeout_s=0.5, max_batch=1) as (url, app):
+        client = _client(url)
+
+        def slow():
+            return _refused(lambda: client.chat.completions.create(model=MODEL, messages=_ask("Hi", None),
+                                                                   max_tokens=500), 503, "timeout")
+
+        with ThreadPoolExecutor(2) as pool:
+            errors = [pool.submit(slow) for _ in range(2)]
+            errors = [e.result() for e in errors]
+        assert all(int(e.response.headers["retry-after"]) >= 1 for e in errors)
+        assert app.state.scheduler.running == 0 and _metric(url, 'saisa_requests_total{status="503"}') == 2
 
 
 def test_disconnect_mid_stream_frees_the_slot(model, gate):

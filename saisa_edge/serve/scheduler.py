@@ -134,6 +134,8 @@ class Scheduler:
     def _deliver(self, t: Ticket, slot: Slot) -> None:
         if t.cancelled:
             t.emit("cancelled", None)
+        elif slot.cancelled:  # the scheduler cancelled it: its time ran out
+            t.emit("error", ApiError(503, f"timed out after {self.timeout_s:g} s", "timeout", RETRY_AFTER_S))
         elif slot.error is not None or slot.result is None:
             e = slot.error
             if isinstance(e, PromptTooLong):
@@ -142,8 +144,6 @@ class Scheduler:
                 t.emit("error", ApiError(400, str(e)))
             else:
                 t.emit("error", ApiError(500, f"internal error ({type(e).__name__})"))
-        elif slot.result.finish_reason == "cancelled":
-            t.emit("error", ApiError(503, f"timed out after {self.timeout_s:g} s", "timeout", RETRY_AFTER_S))
         else:
             t.emit("done", slot)
 
