@@ -256,6 +256,14 @@ def serve(source: Path, backend: str, vision_tower: Path | None, conv_mode: str 
         raise SaisaError(f"--allow-local-images {allow_local_images}: not a folder")
     session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage,
                           cache_disk_mb)
+    if session.backend.name == "tensorrt":  # engines take at most the batch they were built for
+        from saisa_edge.artifacts import open_engines
+        from saisa_edge.progress import warn
+
+        built = open_engines(source, verify=False).manifest.max_batch
+        if max_batch > built:
+            warn(f"--max-batch {max_batch}: {source} was built with --max-batch {built}; serving {built} at a time")
+            max_batch = built
     options = ServeOptions(model_name or source.resolve().name, max_batch, max_queue, max_prefill_tokens, timeout_s,
                            api_key, allow_local_images, int(max_body_mb * 2**20), default_max_tokens=default_max_tokens)
     uvicorn.run(create_app(session, options), host=host, port=port, log_level="warning")

@@ -399,3 +399,23 @@ def test_serve_command_refuses_bad_flags(tmp_path, artifact):
     assert r.exit_code == 2 and "not a folder" in r.stderr
     r = CliRunner().invoke(main, ["serve", str(tmp_path)])
     assert r.exit_code == 2 and "neither a SAISA checkpoint" in r.stderr
+
+
+def test_serve_on_engines_takes_at_most_their_batch(monkeypatch, model, tmp_path):
+    """Engines built for --max-batch 2 are never given 3 rows (TensorRT would refuse the shape)."""
+    import types
+
+    import saisa_edge.artifacts
+    import saisa_edge.cli
+
+    session = _session(model)
+    session.backend = types.SimpleNamespace(name="tensorrt", config=model[0].config)
+    monkeypatch.setattr(saisa_edge.cli, "_session", lambda *a: (session, 0.0))
+    monkeypatch.setattr(saisa_edge.artifacts, "open_engines",
+                        lambda path, verify: types.SimpleNamespace(manifest=types.SimpleNamespace(max_batch=2)))
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(app))
+    r = CliRunner().invoke(main, ["serve", str(tmp_path), "--max-batch", "8"])
+    assert r.exit_code == 0, r.output
+    assert served[0].state.options.max_batch == 2 and served[0].state.scheduler.batcher.max_batch == 2
+    assert "built with --max-batch 2" in r.stderr

@@ -80,8 +80,9 @@ def test_rows_joining_and_leaving_give_the_tokens_of_requests_alone(backend):
     assert batcher.vision_runs == 2 and session.cache is not None and session.cache.stats.misses == 2
     assert [s.result.visual_cache for s in slots[:5]] == ["miss", "hit", "miss", "none", "hit"]
     assert all(s.prefix_reused > 0 for s in slots[5:] if s.request.pixels is not None)  # prompt before the image
-    prefill = [t for n, t in shapes if n == 1 and t > 1]
-    assert max(prefill) <= 20 and len(prefill) > len(requests)  # long prompts were run in chunks
+    prefill = [(n, t) for n, t in shapes if t > 1]
+    assert max(t for _, t in prefill) <= 20 and len(prefill) > len(requests)  # long prompts ran in chunks
+    assert max(n for n, _ in prefill) > 1  # rows joining together were prefilled together
     assert max(n for n, t in shapes if t == 1) == 3  # decode steps ran the full batch
 
 

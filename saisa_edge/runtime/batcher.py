@@ -4,9 +4,10 @@ leave it as soon as they finish, so nobody waits for the longest answer of a fix
 One `step()` is one scheduling round, run by one thread that owns the backend:
 
 1. prefill: rows waiting to join are prepared (their image's visual K/V from the session's
-   cache: one vision computation per image, later rows are hits) and their prompt text run
-   in chunks, at most `max_prefill_tokens` per step (an image that is computed counts as its
-   visual positions), so a long prompt cannot stall the decoding rows for long;
+   cache: one vision computation per image, later rows are hits) and their prompt text run,
+   every joining row's next chunk in one forward, at most `max_prefill_tokens` per step (an
+   image that is computed counts as its visual positions), so a long prompt cannot stall
+   the decoding rows for long and a burst of arrivals is prefilled together;
 2. every decoding row, and every row whose prefill just ended, samples its next token;
 3. finished and cancelled rows leave; the rest, with the newcomers, decode one step together.
 
@@ -68,6 +69,8 @@ def pad_columns(cache: TextCache, width: int) -> TextCache:
 
 def stack_rows(caches: list[TextCache]) -> TextCache:
     """Batch rows' caches into one (each padded to the longest)."""
+    if len(caches) == 1:
+        return caches[0]
     width = max(c.length for c in caches)
     padded = [pad_columns(c, width) for c in caches]
     layers = range(len(padded[0].keys))
@@ -82,6 +85,11 @@ def take_rows(cache: TextCache, rows: list[int]) -> TextCache:
     used = np.flatnonzero((positions != PAD_POSITION).any(axis=0))
     return TextCache(tuple(k[rows][:, :, used] for k in cache.keys), tuple(v[rows][:, :, used] for v in cache.values),
                      positions[:, used])
+
+
+def _remaining(slot: Slot) -> int:
+    """Prompt tokens of a prepared row not yet run."""
+    return len(slot.row.text) - slot.done if slot.row is not None else 0
 
 
 def _live(slot: Slot) -> bool:
@@ -151,25 +159,29 @@ class Batcher:
     # --- internals ------------------------------------------------------------------------
 
     def _prefill(self) -> list[Slot]:
-        """Prepare and run prompts within the step's token budget; returns rows whose prompt is done."""
-        budget, done = self.max_prefill_tokens, []
-        while budget > 0 and (self.prefilling or self.waiting):
-            if not self.prefilling:
-                slot = self.waiting.popleft()
-                budget -= self._prepare(slot)
-                if slot.error is not None:
-                    done.append(slot)
-                    continue
-                self.prefilling.append(slot)
-                if budget <= 0:
-                    break
-            slot = self.prefilling[0]
-            budget -= self._run_chunk(slot, budget)
-            row = slot.row
-            if row is not None and slot.done == len(row.text):
-                self.prefilling.popleft()
-                done.append(slot)
-        return done
+        """Prepare and run prompts within the step's token budget, all chunks in one forward;
+        returns the rows whose prompt is done (or that failed)."""
+        budget, plan, failed = self.max_prefill_tokens, [], []
+        for slot in self.prefilling:  # rows part-way through a long prompt go first
+            if budget <= 0:
+                break
+            plan.append((slot, min(budget, _remaining(slot))))
+            budget -= plan[-1][1]
+        while budget > 0 and self.waiting:
+            slot = self.waiting.popleft()
+            budget -= self._prepare(slot)
+            if slot.error is not None:
+                failed.append(slot)
+                continue
+            self.prefilling.append(slot)
+            if budget > 0:
+                plan.append((slot, min(budget, _remaining(slot))))
+                budget -= plan[-1][1]
+        if plan:
+            self._run_chunks(plan)
+        done = [s for s in self.prefilling if _remaining(s) == 0]
+        self.prefilling = deque(s for s in self.prefilling if _remaining(s) > 0)
+        return failed + done
 
     def _prepare(self, slot: Slot) -> int:
         """The row (image K/V from the cache or computed) and its reusable prefix; returns its cost."""
@@ -206,19 +218,30 @@ class Batcher:
                 return other.row.visual
         return visual
 
-    def _run_chunk(self, slot: Slot, budget: int) -> int:
-        row, cache = slot.row, slot.cache
-        assert row is not None and cache is not None
-        n = max(1, min(budget, len(row.text) - slot.done))
+    def _run_chunks(self, plan: list[tuple[Slot, int]]) -> None:
+        """The next `n` prompt tokens of each planned row, in one forward (padded by position)."""
+        width = max(n for _, n in plan)
+        rows, caches, ids, pos = [], [], [], []
+        for slot, n in plan:
+            row = slot.row
+            assert row is not None and slot.cache is not None
+            rows.append(row)
+            caches.append(slot.cache)
+            ids.append(row.text[slot.done:slot.done + n] + [0] * (width - n))
+            pos.append(row.positions[slot.done:slot.done + n] + [PAD_POSITION] * (width - n))
         t = time.perf_counter()
-        end = slot.done + n
-        logits, slot.cache = self.session.backend.forward(_ids([row.text[slot.done:end]]),
-                                                          _ids([row.positions[slot.done:end]]), cache, row.visual)
-        slot.done, slot.last = end, logits[0, -1]
-        row.timings["prefill"] += (time.perf_counter() - t) * 1000
-        if end == len(row.text) and row.visual is not None:
-            self.session._keep_prefix(row, slot.cache)
-        return n
+        logits, cache = self.session.backend.forward(_ids(ids), _ids(pos), stack_rows(caches),
+                                                     self.session._visual_for(rows))
+        ms = (time.perf_counter() - t) * 1000
+        for i, (slot, n) in enumerate(plan):
+            row = slot.row
+            assert row is not None
+            slot.cache = cache if len(plan) == 1 else take_rows(cache, [i])
+            slot.done += n
+            slot.last = logits[i, n - 1]
+            row.timings["prefill"] += ms
+            if _remaining(slot) == 0 and row.visual is not None:
+                self.session._keep_prefix(row, slot.cache)
 
     def _sample(self, slot: Slot) -> None:
         row = slot.row
