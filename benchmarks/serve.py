@@ -141,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, required=True, help="Artifact (or engine) folder to serve.")
     ap.add_argument("--clients", default="1,4,8,16", help="Comma list of concurrent client counts.")
+    ap.add_argument("--unique-clients", default=None, help="Client counts for new images (default: --clients).")
     ap.add_argument("--cached-requests", type=int, default=2, help="Requests per client, cached images.")
     ap.add_argument("--unique-requests", type=int, default=1, help="Requests per client, new images.")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=1200, help="Seconds; later phases are cut short.")
     args = ap.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    unique_counts = [int(c) for c in (args.unique_clients or args.clients).split(",")]
 
     port, model = free_port(), "bench"
     server = subprocess.Popen([sys.executable, "-m", "saisa_edge", "serve", str(args.artifact), "--port", str(port),
@@ -166,17 +168,19 @@ def main() -> None:
                 pass
             time.sleep(0.2)
         startup = time.perf_counter() - started
-        deadline = time.perf_counter() + args.time_limit
         cached = images(4, seed=0)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+        t0 = time.perf_counter()
         for image in cached:  # warm-up: the four images enter the cache, the graphs are loaded
             ask(client, model, QUESTIONS[0], image, 2)
-        fresh = iter(images(sum(counts) * args.unique_requests, seed=1))
+        warmup = time.perf_counter() - t0
+        deadline = time.perf_counter() + args.time_limit
+        fresh = iter(images(sum(unique_counts) * args.unique_requests, seed=1))
         phases = []
         for c in counts:
             phases.append({"images": "cached", **phase(url, model, c, args.cached_requests, cached, args.max_tokens,
                                                        deadline)})
-        for c in counts:
+        for c in unique_counts:
             pool = [next(fresh) for _ in range(c * args.unique_requests)]
             phases.append({"images": "unique", **phase(url, model, c, args.unique_requests, pool, args.max_tokens,
                                                        deadline)})
@@ -195,7 +199,7 @@ def main() -> None:
         targets = {"cached_8_over_1_tokens_per_s": round(speedup, 2), "tokens_per_s_target_3x": speedup >= 3,
                    "cached_8_over_1_ttft_p99": round(ttft, 2), "ttft_target_2x": ttft <= 2}
     print(json.dumps({"artifact": str(args.artifact), "max_tokens": args.max_tokens, "max_batch": args.max_batch,
-                      "server_startup_s": round(startup, 2), "phases": phases, "targets": targets}, indent=2))
+                      "server_startup_s": round(startup, 2), "warmup_s": round(warmup, 2), "phases": phases, "targets": targets}, indent=2))
 
 
 if __name__ == "__main__":

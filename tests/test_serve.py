@@ -312,6 +312,9 @@ def test_full_queue_is_429_with_retry_after(model, gate):
             assert _metric(url, "saisa_queue_depth") == 1
             gate.open.set()
             assert running.result().usage.completion_tokens == 3 and queued.result().usage.completion_tokens == 3
+    with serving(_session(model), max_batch=1, max_queue=0) as (url, _):  # no queue: a free row still takes one
+        assert _client(url).chat.completions.create(model=MODEL, messages=_ask("Hi", None),
+                                                    max_tokens=2).usage.completion_tokens == 2
 
 
 def test_timeout_is_503_with_retry_after(model, gate):

@@ -77,7 +77,7 @@ class Scheduler:
         with self._cond:
             if not self.alive:
                 raise ApiError(503, "the server is not accepting requests", "not_running", RETRY_AFTER_S)
-            if len(self.queue) >= self.max_queue:
+            if len(self.queue) >= self.max_queue + max(self.batcher.room, 0):  # free rows take it at once
                 raise ApiError(429, f"the queue is full ({self.max_queue} waiting); retry later", "queue_full",
                                RETRY_AFTER_S)
             ticket = Ticket(ids, request, stops, emit, time.perf_counter() + self.timeout_s)
