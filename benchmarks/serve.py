@@ -9,7 +9,8 @@ other. For 1, 4, 8 and 16 concurrent clients and two image mixes:
   (visual cache hits);
 - `unique`: every request brings an image never seen before (vision runs for each).
 Reported per phase: aggregate tokens/s (completion tokens over the phase's wall time),
-p50/p99 time to first token as the client sees it, the server's mean decode batch size.
+p50/p99 time to first token as the client sees it, the server's mean decode batch size and
+its vision computations (visual cache misses) during the phase.
 Targets (smol, ONNX Runtime CPU): `cached` aggregate tokens/s at 8 clients >= 3x one client
 (a batch reads the weights once per step), and p99 first token at 8 cached clients <= 2x
 one client's.
@@ -82,14 +83,17 @@ def ask(client: openai.OpenAI, model: str, question: str, image: str, max_tokens
     return Sample(ttft if ttft is not None else total, total, tokens)
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's decode batch-size histogram."""
+SERVER_COUNTS = ("saisa_batch_size_sum", "saisa_batch_size_count", "saisa_visual_cache_misses_total")
+
+
+def server_counts(url: str) -> dict[str, float]:
+    """The server's decode batch-size histogram (sum, count) and its vision computations so far."""
     values = {}
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(("saisa_batch_size_sum", "saisa_batch_size_count")):
-            name, value = line.split()
+        name, _, value = line.partition(" ")
+        if name in SERVER_COUNTS:
             values[name] = float(value)
-    return values["saisa_batch_size_sum"], values["saisa_batch_size_count"]
+    return values
 
 
 def phase(url: str, model: str, clients: int, per_client: int, pool: list[str], max_tokens: int,
@@ -110,7 +114,7 @@ def phase(url: str, model: str, clients: int, per_client: int, pool: list[str], 
             with lock:
                 samples.append(s)
 
-    before = batch_stats(url)
+    before = server_counts(url)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop) for _ in range(clients)]
     for t in threads:
@@ -118,7 +122,8 @@ def phase(url: str, model: str, clients: int, per_client: int, pool: list[str], 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    after = batch_stats(url)
+    after = server_counts(url)
+    delta = {k: after[k] - before[k] for k in SERVER_COUNTS}
     ttfts = sorted(s.ttft_s for s in samples)
     tokens = sum(s.tokens for s in samples)
     return {
@@ -126,7 +131,8 @@ def phase(url: str, model: str, clients: int, per_client: int, pool: list[str], 
         "tokens_per_s": round(tokens / wall, 2) if wall else None,
         "ttft_p50_s": round(statistics.median(ttfts), 4) if ttfts else None,
         "ttft_p99_s": round(float(np.percentile(ttfts, 99)), 4) if ttfts else None,
-        "mean_batch": round((after[0] - before[0]) / max(after[1] - before[1], 1), 2),
+        "mean_batch": round(delta["saisa_batch_size_sum"] / max(delta["saisa_batch_size_count"], 1), 2),
+        "vision_runs": int(delta["saisa_visual_cache_misses_total"]),
         "complete": len(samples) == clients * per_client,
     }
 
