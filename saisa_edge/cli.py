@@ -67,8 +67,8 @@ def make_checkpoint(preset: str, output: Path, dtype: str | None, fmt: str, shar
     say(f"wrote {preset} checkpoint to {output} in {time.perf_counter() - t0:.1f} s")
 
 
-def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by the commands that run a model."""
+def _model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by the commands that open a model (run, chat, serve)."""
     options = [
         click.argument("source", type=click.Path(path_type=Path)),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -86,6 +86,16 @@ def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Disk budget of --cache-dir (least recently used entries removed)."),
         click.option("--cache-storage", type=click.Choice(STORAGES), default="native",
                      show_default=True, help="Store cached visual K/V quantized (half of fp16's memory)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _source_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by the commands that answer from the command line: the model's, then generation's."""
+    options = [
+        _model_options,
         click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True),
         click.option("--temperature", type=float, default=0.0, help="0 (default): greedy."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, help="Sample from the k most likely (0: all)."),
@@ -208,6 +218,55 @@ def chat(source: Path, backend: str, vision_tower: Path | None, conv_mode: str |
                 last = {"visual_cache": result.visual_cache, **result.as_json()["timings_ms"]}
         except SaisaError as e:  # a bad image or an over-long turn ends the turn, not the chat
             click.echo(f"error: {e}", err=True)
+
+
+@main.command()
+@_model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together (in-flight batching).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Requests waiting beyond the batch; more get 429 with Retry-After.")
+@click.option("--max-prefill-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Prompt tokens run between two decode steps (an image computed counts its visual tokens).")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tokens generated when a request does not say.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=600, show_default=True,
+              help="Seconds a request may take, queue included (then 503).")
+@click.option("--api-key", envvar="SAISA_API_KEY", default=None,
+              help="Require `Authorization: Bearer KEY` on /v1 (or set SAISA_API_KEY).")
+@click.option("--allow-local-images", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Accept file:// image URLs under this folder (refused otherwise).")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=32, show_default=True,
+              help="Largest request body (images are base64 inside it).")
+@click.option("--model-name", default=None, help="The model id clients send (default: SOURCE's folder name).")
+def serve(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
+          cache_mb: float, cache_dir: Path | None, cache_disk_mb: float, cache_storage: str, host: str, port: int,
+          max_batch: int, max_queue: int, max_prefill_tokens: int, default_max_tokens: int, timeout_s: float,
+          api_key: str | None, allow_local_images: Path | None, max_body_mb: float, model_name: str | None) -> None:
+    """Serve SOURCE over HTTP with OpenAI's chat-completions protocol (needs the [serve] extra)."""
+    try:
+        import uvicorn
+
+        from saisa_edge.serve import ServeOptions, create_app
+    except ImportError as e:
+        raise SaisaError(f"serve: needs {e.name}, which this install lacks; pip install 'saisa-edge[serve]'") from None
+    if allow_local_images is not None and not allow_local_images.is_dir():
+        raise SaisaError(f"--allow-local-images {allow_local_images}: not a folder")
+    session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage,
+                          cache_disk_mb)
+    if session.backend.name == "tensorrt":  # engines take at most the batch they were built for
+        from saisa_edge.artifacts import open_engines
+        from saisa_edge.progress import warn
+
+        built = open_engines(source, verify=False).manifest.max_batch
+        if max_batch > built:
+            warn(f"--max-batch {max_batch}: {source} was built with --max-batch {built}; serving {built} at a time")
+            max_batch = built
+    options = ServeOptions(model_name or source.resolve().name, max_batch, max_queue, max_prefill_tokens, timeout_s,
+                           api_key, allow_local_images, int(max_body_mb * 2**20), default_max_tokens=default_max_tokens)
+    uvicorn.run(create_app(session, options), host=host, port=port, log_level="warning")
 
 
 @main.command()

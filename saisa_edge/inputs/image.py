@@ -9,6 +9,7 @@ and the work after it by `EXACT_SIDE`: a tiny file cannot make either cost gigab
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -34,33 +35,35 @@ non-square image is first resized (bicubic) to fit, then padded, which keeps a 1
 image from becoming a 100000**2 canvas."""
 
 
-def load_image(path: Path, flag: str = "--image") -> Image.Image:
-    """Decode an image file (first frame of an animation) as 8-bit RGB.
+def load_image(path: Path | bytes, flag: str = "--image") -> Image.Image:
+    """Decode an image file, or an encoded image's bytes (a server's upload), as 8-bit RGB
+    (the first frame of an animation).
 
     The size the header declares is checked before decoding; any failure of the decoder on
     the file (Pillow raises many kinds on a damaged file) is a one-line error naming it.
     """
+    where = f"{flag} {path}" if isinstance(path, Path) else flag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                check_image_size(img.size, f"{flag} {path}")
+            with Image.open(path if isinstance(path, Path) else io.BytesIO(path)) as img:
+                check_image_size(img.size, where)
                 img.seek(0)
                 img.load()
-                return to_rgb(img, f"{flag} {path}")
+                return to_rgb(img, where)
     except FileNotFoundError:
-        raise SaisaError(f"{flag} {path}: file not found") from None
+        raise SaisaError(f"{where}: file not found") from None
     except IsADirectoryError:
-        raise SaisaError(f"{flag} {path}: is a folder, not an image file") from None
+        raise SaisaError(f"{where}: is a folder, not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise SaisaError(f"{flag} {path}: the image is over {MAX_IMAGE_PIXELS} pixels; "
+        raise SaisaError(f"{where}: the image is over {MAX_IMAGE_PIXELS} pixels; "
                          "downscale it first") from None
     except SaisaError:
         raise
     except MemoryError:
-        raise SaisaError(f"{flag} {path}: not enough memory to decode the image; downscale it first") from None
+        raise SaisaError(f"{where}: not enough memory to decode the image; downscale it first") from None
     except Exception as e:
-        raise SaisaError(f"{flag} {path}: cannot decode the image ({one_line(str(e) or type(e).__name__)}); "
+        raise SaisaError(f"{where}: cannot decode the image ({one_line(str(e) or type(e).__name__)}); "
                          "use JPEG, PNG, WebP, BMP or GIF") from None
 
 

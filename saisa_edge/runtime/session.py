@@ -47,6 +47,22 @@ class Request:
             raise SaisaError("params: give a SamplingParams")
 
 
+class PromptTooLong(SaisaError):
+    """The prompt leaves no room in the context (a server answers 413, not 400)."""
+
+
+def check_context(backend: Backend, ids: list[int], has_image: bool) -> int:
+    """The prompt's visual positions, once its text and image are known to fit the context."""
+    n_visual = backend.config.num_visual_tokens if has_image else 0
+    n_text = len(ids) - (1 if n_visual else 0)
+    if n_text + n_visual >= backend.max_context:
+        raise PromptTooLong(
+            f"--prompt is too long: {n_text} text tokens + {n_visual} visual positions leave no room "
+            f"in the context of {backend.max_context}; shorten the prompt"
+        )
+    return n_visual
+
+
 def check_max_new_tokens(n: object) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SaisaError(f"--max-new-tokens {n}: give an integer >= 1")
@@ -165,13 +181,7 @@ class Session:
             if not isinstance(request.pixels, np.ndarray) or request.pixels.shape != (3, c, c):
                 raise SaisaError(f"pixels: give a numpy array [3, {c}, {c}] (saisa_edge.inputs.image.preprocess), "
                                  f"not {type(request.pixels).__name__} {getattr(request.pixels, 'shape', '')}")
-        n_visual = self.backend.config.num_visual_tokens if request.pixels is not None else 0
-        n_text = len(ids) - (1 if n_visual else 0)
-        if n_text + n_visual >= self.backend.max_context:
-            raise SaisaError(
-                f"--prompt is too long: {n_text} text tokens + {n_visual} visual positions leave no room "
-                f"in the context of {self.backend.max_context}; shorten the prompt"
-            )
+        n_visual = check_context(self.backend, ids, request.pixels is not None)
         text, positions, start = text_layout(ids, n_visual)
         status = "none"
         if request.pixels is not None:
