@@ -15,10 +15,12 @@ one replica), requests per replica, wall time, requests/s and completion tokens/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import random
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,7 +98,8 @@ def main() -> None:
     sock.close()
     opener = functools.partial(open_session, args.artifact)
     results: dict[str, Any] = {}
-    with local_ray("127.0.0.1", port, args.cpus) as url:
+    # Ray's driver prints its workers' messages on stdout: keep stdout for the JSON alone
+    with contextlib.redirect_stdout(sys.stderr), local_ray("127.0.0.1", port, args.cpus) as url:
         for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both alike
             for routing in ROUTINGS:
                 app = application(opener, ServeOptions(model_name=MODEL), args.replicas, routing,

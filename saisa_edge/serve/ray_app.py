@@ -29,14 +29,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import ray
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import StreamingResponse
-import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from saisa_edge.errors import SaisaError
 from saisa_edge.runtime.session import Session
 from saisa_edge.serve.app import ServeOptions, create_app
 from saisa_edge.serve.routing import HashRing, request_digest
@@ -154,7 +155,7 @@ def application(open_session: Callable[[], Session], options: ServeOptions = Ser
     """The Ray Serve application: `serve.run(application(...))`. `open_session` runs in each
     replica's process (it must pickle: a module-level function or a functools.partial of one)."""
     if routing not in ROUTINGS:
-        raise ValueError(f"routing: {routing!r}, not one of {ROUTINGS}")
+        raise SaisaError(f"routing: {routing!r} is not one of {', '.join(ROUTINGS)}")
     # RequestRouterConfig takes the class (or its import path); its annotation says otherwise
     router = (RequestRouterConfig(request_router_class=DigestRouter)  # type: ignore[arg-type]
               if routing == "digest" else RequestRouterConfig())
