@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -241,10 +242,14 @@ def chat(source: Path, backend: str, vision_tower: Path | None, conv_mode: str |
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=32, show_default=True,
               help="Largest request body (images are base64 inside it).")
 @click.option("--model-name", default=None, help="The model id clients send (default: SOURCE's folder name).")
+@click.option("--ray", "on_ray", is_flag=True, help="Run on Ray Serve (the [ray] extra): --replicas copies, each "
+              "request routed by its image's digest to the replica holding its visual K/V.")
+@click.option("--replicas", type=click.IntRange(min=1), default=2, show_default=True, help="Replicas with --ray.")
 def serve(source: Path, backend: str, vision_tower: Path | None, conv_mode: str | None, dtype: str | None,
           cache_mb: float, cache_dir: Path | None, cache_disk_mb: float, cache_storage: str, host: str, port: int,
           max_batch: int, max_queue: int, max_prefill_tokens: int, default_max_tokens: int, timeout_s: float,
-          api_key: str | None, allow_local_images: Path | None, max_body_mb: float, model_name: str | None) -> None:
+          api_key: str | None, allow_local_images: Path | None, max_body_mb: float, model_name: str | None,
+          on_ray: bool, replicas: int) -> None:
     """Serve SOURCE over HTTP with OpenAI's chat-completions protocol (needs the [serve] extra)."""
     try:
         import uvicorn
@@ -254,19 +259,47 @@ def serve(source: Path, backend: str, vision_tower: Path | None, conv_mode: str 
         raise SaisaError(f"serve: needs {e.name}, which this install lacks; pip install 'saisa-edge[serve]'") from None
     if allow_local_images is not None and not allow_local_images.is_dir():
         raise SaisaError(f"--allow-local-images {allow_local_images}: not a folder")
-    session, _ = _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage,
-                          cache_disk_mb)
-    if session.backend.name == "tensorrt":  # engines take at most the batch they were built for
-        from saisa_edge.artifacts import open_engines
-        from saisa_edge.progress import warn
-
-        built = open_engines(source, verify=False).manifest.max_batch
-        if max_batch > built:
-            warn(f"--max-batch {max_batch}: {source} was built with --max-batch {built}; serving {built} at a time")
-            max_batch = built
+    opener = functools.partial(open_session, source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir,
+                               cache_storage, cache_disk_mb)
+    max_batch = _engine_batch(source, max_batch)
     options = ServeOptions(model_name or source.resolve().name, max_batch, max_queue, max_prefill_tokens, timeout_s,
                            api_key, allow_local_images, int(max_body_mb * 2**20), default_max_tokens=default_max_tokens)
-    uvicorn.run(create_app(session, options), host=host, port=port, log_level="warning")
+    if on_ray:
+        _serve_on_ray(opener, options, replicas, host, port)
+    else:
+        uvicorn.run(create_app(opener(), options), host=host, port=port, log_level="warning")
+
+
+def _engine_batch(source: Path, max_batch: int) -> int:
+    """Engines take at most the batch they were built for (TensorRT refuses a larger shape)."""
+    from saisa_edge.artifacts import ENGINE_KIND, kind_of, open_engines
+    from saisa_edge.progress import warn
+
+    if kind_of(source) != ENGINE_KIND:
+        return max_batch
+    built = open_engines(source, verify=False).manifest.max_batch
+    if max_batch > built:
+        warn(f"--max-batch {max_batch}: {source} was built with --max-batch {built}; serving {built} at a time")
+    return min(max_batch, built)
+
+
+def open_session(source: Path, backend: str = "auto", vision_tower: Path | None = None, conv_mode: str | None = None,
+                 dtype: str | None = None, cache_mb: float = 1024, cache_dir: Path | None = None,
+                 cache_storage: str = "native", cache_disk_mb: float = DEFAULT_DISK_MB) -> Any:
+    """`_session`'s Session alone, the CLI's defaults: what each Ray Serve replica opens in its process."""
+    return _session(source, backend, vision_tower, conv_mode, dtype, cache_mb, cache_dir, cache_storage,
+                    cache_disk_mb)[0]
+
+
+def _serve_on_ray(opener: Callable[[], Any], options: Any, replicas: int, host: str, port: int) -> None:
+    try:
+        from ray import serve
+
+        from saisa_edge.serve.ray_app import application, local_ray
+    except ImportError as e:
+        raise SaisaError(f"serve --ray: needs {e.name}, which this install lacks; pip install 'saisa-edge[ray]'") from None
+    with local_ray(host, port):
+        serve.run(application(opener, options, replicas), blocking=True)
 
 
 @main.command()

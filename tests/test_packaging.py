@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA_FOLDERS = ("saisa_edge/assets", "saisa_edge/serve/static")
+"""Bundled files (not modules) that setup.cfg's package_data must carry into the wheel."""
 
 
 def _setup() -> configparser.ConfigParser:
@@ -41,6 +43,13 @@ def test_setup_cfg_lists_every_package_folder():
     assert listed == set(_tree_packages())
 
 
+def test_package_data_covers_every_bundled_file():
+    globs = {f"{pkg.replace('.', '/')}/{g.strip()}" for pkg, line in _setup()["options.package_data"].items()
+             for g in line.split(",")}
+    files = {f.relative_to(ROOT) for data in DATA_FOLDERS for f in (ROOT / data).rglob("*") if f.is_file()}
+    assert files and {f for f in files if not any(f.match(g) for g in globs)} == set()
+
+
 @pytest.mark.slow
 def test_wheel_holds_every_module_and_asset(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
@@ -49,6 +58,6 @@ def test_wheel_holds_every_module_and_asset(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"{pkg.replace('.', '/')}/{f.name}" for pkg, folder in _tree_packages().items()
                 for f in folder.glob("*.py")}
-    assets = ROOT / "saisa_edge" / "assets"
-    expected |= {f"saisa_edge/assets/{f.relative_to(assets).as_posix()}" for f in assets.rglob("*") if f.is_file()}
+    for data in DATA_FOLDERS:
+        expected |= {f.relative_to(ROOT).as_posix() for f in (ROOT / data).rglob("*") if f.is_file()}
     assert expected - names == set()

@@ -414,6 +414,7 @@ def test_serve_on_engines_takes_at_most_their_batch(monkeypatch, model, tmp_path
     session = _session(model)
     session.backend = types.SimpleNamespace(name="tensorrt", config=model[0].config)
     monkeypatch.setattr(saisa_edge.cli, "_session", lambda *a: (session, 0.0))
+    monkeypatch.setattr(saisa_edge.artifacts, "kind_of", lambda path: saisa_edge.artifacts.ENGINE_KIND)
     monkeypatch.setattr(saisa_edge.artifacts, "open_engines",
                         lambda path, verify: types.SimpleNamespace(manifest=types.SimpleNamespace(max_batch=2)))
     served = []

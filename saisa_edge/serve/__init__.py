@@ -11,7 +11,7 @@ max_queue, max_prefill_tokens, timeout_s, api_key, allow_local_images, max_body_
 max_image_bytes and default_max_tokens. The app starts its scheduler thread (the only
 thread that runs the model) in its lifespan and stops it at shutdown; `app.state.scheduler`
 and `app.state.metrics` are there for tests. Routes: POST /v1/chat/completions,
-GET /v1/models, /health, /metrics. GET / is left free for a page.
+GET /v1/models, /health, /metrics, and GET / (a chat page, static/chat.html).
 """
 
 from saisa_edge.serve.app import ServeOptions, create_app

@@ -8,11 +8,12 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -91,6 +92,12 @@ def create_app(session: Session, options: ServeOptions = ServeOptions()) -> Fast
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
             raise ApiError(401, "invalid API key: send `Authorization: Bearer KEY`", "invalid_api_key")
+
+    page = _page()
+
+    @app.get("/")
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -197,6 +204,14 @@ def create_app(session: Session, options: ServeOptions = ServeOptions()) -> Fast
                 count("cancelled")
 
     return app
+
+
+def _page() -> str:
+    """The chat page (one static file, bundled as package data like saisa_edge/assets)."""
+    path = resources.files("saisa_edge.serve").joinpath("static", "chat.html")
+    if not path.is_file():
+        raise SaisaError(f"{path}: bundled data is missing; reinstall saisa-edge")
+    return path.read_text("utf-8")
 
 
 def _sse(payload: dict[str, Any]) -> str:
