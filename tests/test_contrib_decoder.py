@@ -203,3 +203,42 @@ def test_cli_flag_and_tensorrt_refusal(tmp_path, tiny_dir):
         build_here(open_artifact(out), tmp_path / "engines", "auto", "auto", 1, None, False)
     bad = CliRunner().invoke(main, ["export", str(tiny_dir), "-o", str(tmp_path / "x"), "--decoder-form", "gqa"])
     assert bad.exit_code != 0 and "--decoder-form 'gqa' is unknown" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.fixture(scope="module")
+def weight_only(trio, tmp_path_factory):
+    """Each weight-only precision of the contrib and the standard artifact (calibration's MatMulNBits rewrite)."""
+    from saisa_edge.calibration.calibrate import calibrate
+    from saisa_edge.calibration.data import pairs
+    from saisa_edge.calibration.recipe import make_recipe
+
+    *_, ckpt, root = trio
+    data = pairs(ckpt.config.vision, 2)
+    out = {}
+    for precision in ("int8_wo", "int4_rtn", "int4_awq"):  # AWQ runs the contrib graph with its taps
+        for form in ("contrib", "standard"):
+            out[precision, form] = tmp_path_factory.mktemp("wo") / f"{precision}-{form}"
+            calibrate(root / form, out[precision, form], make_recipe(precision, "cpu", keep=(), group_size=16),
+                      data, decode_steps=1)
+    return out
+
+
+def test_weight_only_contrib_artifacts_are_matmulnbits_and_agree_with_the_standard_form(trio, weight_only):
+    *_, ckpt, _ = trio
+    layers = ckpt.config.text.num_hidden_layers
+    for precision in ("int8_wo", "int4_rtn", "int4_awq"):
+        art = open_artifact(weight_only[precision, "contrib"])
+        assert art.decoder_form == "contrib" and art.precision == precision
+        ops = [n.op_type for n in onnx.load(str(art.graph("decoder"))).graph.node]
+        assert ops.count("MatMulNBits") == 4 * layers + 1 and ops.count("GroupQueryAttention") == layers
+        contrib, standard = (OrtBackend(open_artifact(weight_only[precision, f])) for f in ("contrib", "standard"))
+        requests = [Request("Describe the picture.", _pixels(ckpt), max_new_tokens=12),
+                    Request("Hello", None, max_new_tokens=6)]
+        if precision != "int4_awq":  # the same codes and scales: the same model, so the same tokens
+            assert _tokens(contrib, ckpt, requests) == _tokens(standard, ckpt, requests)
+        else:  # AWQ's searches see fp32 activations that differ in the last bits: it may pick other scales
+            float_contrib = trio[0]
+            ids, pos = np.array([[3, 8, 2, 6, 1, 4]]), np.arange(6)[None]
+            got, want = (b.forward(ids, pos, TextCache.empty(ckpt.config.text, 1, "fp32"), None)[0].ravel()
+                         for b in (contrib, float_contrib))
+            assert 0.97 < float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) < 1.0
