@@ -27,6 +27,7 @@ from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.runtime.kv import TextCache, text_layout
 from saisa_edge.runtime.session import Request, Session
 from tests.conftest import DEMO_IMAGE
+from tests.test_smol import smol_dir  # noqa: F401  (the smol checkpoint fixture, made once per module)
 
 FP32_BOUND = 1e-4  # as tests/test_export.py: ONNX Runtime reorders fp32 sums; logits are O(1)
 VICUNA = TEMPLATES["vicuna_v1"]
@@ -165,7 +166,7 @@ def test_decode_updates_one_buffer_in_place(trio):
     for step in range(4):
         logits, cache = contrib.forward(np.array([[9]]), np.array([[3 + step]]), cache, None)
         views.append(logits)
-    assert slots.buffer is buffer and all(np.shares_memory(v, slots._logits) for v in views)
+    assert slots.buffer is buffer and all(v is cache.lineage.logits for v in views)
     assert len(slots._steps) == max(binding_count, 1)  # one binding per batch size, made once
     layer0 = buffer[0, 0, 0]  # keys of row 0: slots 0..6 written in place, the rest untouched
     assert np.abs(layer0[:, :7] - before[0, 0, 0][:, :7]).max() > 0
@@ -242,3 +243,40 @@ def test_weight_only_contrib_artifacts_are_matmulnbits_and_agree_with_the_standa
             got, want = (b.forward(ids, pos, TextCache.empty(ckpt.config.text, 1, "fp32"), None)[0].ravel()
                          for b in (contrib, float_contrib))
             assert 0.97 < float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) < 1.0
+
+
+@pytest.mark.slow
+def test_smol_contrib_form_gives_the_standard_forms_and_the_references_tokens(smol_dir, tmp_path):
+    """Real sizes (GQA 9/3 heads of 64, 30 layers, 576 visual tokens), fp32: the same greedy
+    tokens as the standard form and the PyTorch reference, alone and in a padded batch."""
+    from saisa_edge.backends import open_model
+
+    source = open_checkpoint(smol_dir)
+    for form in ("contrib", "standard"):
+        export_artifact(source, tmp_path / form, ExportOptions(decoder_form=form, max_context=1024))
+    contrib, tok = open_model(tmp_path / "contrib")
+    standard, _ = open_model(tmp_path / "standard")
+    reference, _ = open_model(smol_dir, "torch", dtype="fp32")
+    ckpt = load_checkpoint(smol_dir)
+    template = TEMPLATES[tok.default_conv_mode()]
+    pixels = preprocess(load_image(DEMO_IMAGE), ckpt.config.vision)
+    requests = [Request("What is in the picture?", pixels, max_new_tokens=24)]
+    batch = [Request("Describe it.", pixels, max_new_tokens=12),
+             Request("What is the capital of France?", None, max_new_tokens=16)]
+    for case in (requests, batch):
+        want = [r.tokens for r in Session(reference, tok, template).generate_batch(case)]
+        assert [r.tokens for r in Session(contrib, tok, template).generate_batch(case)] == want
+        assert [r.tokens for r in Session(standard, tok, template).generate_batch(case)] == want
+
+
+def test_requests_from_several_threads_share_the_buffer_safely(trio):
+    """A server's threads take turns on the one buffer: each request keeps its own K/V and logits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    contrib, _, ref, ckpt, _ = trio
+    requests = [Request(q, _pixels(ckpt, seed=s), max_new_tokens=16)
+                for q, s in (("What is shown?", None), ("Describe it all.", 7), ("Colours?", 8))]
+    want = [Session(ref, ckpt.tokenizer, VICUNA).generate(r).tokens for r in requests]
+    session = Session(contrib, ckpt.tokenizer, VICUNA)
+    with ThreadPoolExecutor(3) as pool:
+        assert [r.tokens for r in pool.map(session.generate, requests * 2)] == want * 2

@@ -17,6 +17,7 @@ seqlens and logits live in preallocated arrays bound once per batch size.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -36,10 +37,13 @@ class Lineage:
     """The K/V slots of one request's rows: `data` [layers, 2, rows, kv_heads, slots, head_dim] is
     a view of the shared buffer while this lineage occupies it, else its own copy."""
 
-    def __init__(self, data: np.ndarray):
+    def __init__(self, data: np.ndarray, vocab_size: int):
         self.data = data
         self.filled = np.zeros(data.shape[2], dtype=np.int64)  # per row: slots below this are written
         self.visual: VisualKV | None = None  # the image K/V last written into the slots
+        # decode steps' logits, bound as the graph's output: one array per request, not per step
+        self.logits = np.zeros((data.shape[2], 1, vocab_size), dtype=np.float32)
+        self.logits_value = ort.OrtValue.ortvalue_from_numpy(self.logits)
 
     @property
     def rows(self) -> int:
@@ -124,7 +128,8 @@ class SlotDecoder:
         self._ids = np.zeros((max_batch, 1), dtype=np.int64)
         self._seqlens = np.zeros(max_batch, dtype=np.int32)
         self._total = np.zeros((), dtype=np.int32)
-        self._logits = np.zeros((max_batch, 1, cfg.vocab_size), dtype=np.float32)
+        self._vocab = cfg.vocab_size
+        self._lock = threading.Lock()  # one buffer: calls from several threads take turns
         self._steps: dict[int, ort.IOBinding] = {}
         self._observe = observe
         bound = {io.LOGITS, *(io.present(k, i) for i in range(self._layers) for k in KINDS)}
@@ -132,7 +137,7 @@ class SlotDecoder:
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, cache: TextCache,
                 visual: VisualKV | None) -> tuple[np.ndarray, TextCache]:
-        """As `Backend.forward`; a decode step's logits are a view that the next step overwrites."""
+        """As `Backend.forward`; a decode step's logits are the request's own array, which its next step overwrites."""
         rows, width = ids.shape
         if rows > self.max_batch:
             raise SaisaError(f"a batch of {rows} requests exceeds the {self.max_batch} rows of the K/V buffer; "
@@ -141,11 +146,12 @@ class SlotDecoder:
         if np.any(positions[real] >= self.context):
             raise SaisaError(f"position {int(positions[real].max())} is beyond the artifact's context of "
                              f"{self.context}; shorten the prompt or export with a larger --max-context")
-        lineage = self._lineage(cache, rows)
-        if visual is not None and lineage.visual is not visual:
-            lineage.place(visual)
-        logits = self._step(lineage, ids, positions) if width == 1 else self._prompt(lineage, ids, positions)
-        np.maximum.at(lineage.filled, np.nonzero(real)[0], positions[real] + 1)
+        with self._lock:
+            lineage = self._lineage(cache, rows)
+            if visual is not None and lineage.visual is not visual:
+                lineage.place(visual)
+            logits = self._step(lineage, ids, positions) if width == 1 else self._prompt(lineage, ids, positions)
+            np.maximum.at(lineage.filled, np.nonzero(real)[0], positions[real] + 1)
         return logits, SlotCache(lineage, np.concatenate([cache.positions, positions], axis=1))
 
     def _lineage(self, cache: TextCache, rows: int) -> Lineage:
@@ -155,7 +161,7 @@ class SlotDecoder:
             return current
         if current is not None:
             current.detach()
-        lineage = Lineage(self.buffer[:, :, :rows])
+        lineage = Lineage(self.buffer[:, :, :rows], self._vocab)
         if cache.length:
             lineage.scatter(cache)
         self._occupant = weakref.ref(lineage)
@@ -193,14 +199,16 @@ class SlotDecoder:
             for name, array in ((io.INPUT_IDS, self._ids[:rows]), (io.SEQLENS_K, self._seqlens[:rows]),
                                 (io.TOTAL_LENGTH, self._total)):
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-            binding.bind_ortvalue_output(io.LOGITS, ort.OrtValue.ortvalue_from_numpy(self._logits[:rows]))
+            binding.bind_ortvalue_output(io.LOGITS, lineage.logits_value)  # bound first: outputs[0]
             self._bind_cache(binding, slice(0, rows))
+        else:  # rebinding a name keeps its place
+            binding.bind_ortvalue_output(io.LOGITS, lineage.logits_value)
         self._run(binding)
-        return self._logits[:rows]
+        return lineage.logits
 
     def _prompt(self, lineage: Lineage, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Several tokens: row by row, one call per run of consecutive positions."""
-        logits = np.zeros((*ids.shape, self._logits.shape[2]), dtype=np.float32)
+        logits = np.zeros((*ids.shape, self._vocab), dtype=np.float32)
         for row in range(ids.shape[0]):
             entries = np.nonzero(positions[row] < self.context)[0]
             breaks = np.nonzero(np.diff(positions[row, entries]) != 1)[0] + 1
