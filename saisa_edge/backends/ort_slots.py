@@ -37,8 +37,8 @@ class Lineage:
     """The K/V slots of one request's rows: `data` [layers, 2, rows, kv_heads, slots, head_dim] is
     a view of the shared buffer while this lineage occupies it, else its own copy."""
 
-    def __init__(self, data: np.ndarray, vocab_size: int):
-        self.data = data
+    def __init__(self, data: np.ndarray, vocab_size: int, lock: threading.RLock):
+        self.data, self.lock = data, lock  # the buffer's lock: reads wait for a call that may displace us
         self.filled = np.zeros(data.shape[2], dtype=np.int64)  # per row: slots below this are written
         self.visual: VisualKV | None = None  # the image K/V last written into the slots
         # decode steps' logits, bound as the graph's output: one array per request, not per step
@@ -56,12 +56,14 @@ class Lineage:
     def gather(self, positions: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
         """Keys and values [rows, kv_heads, T, head_dim] per layer of the entries at `positions`
         [rows, T] (zeros where a position is padding)."""
-        valid = positions < self.data.shape[4]
-        slots = np.where(valid, positions, 0)
-        rows = np.arange(positions.shape[0])[:, None]
-        mask = valid[:, None, :, None]
-        out = [[np.where(mask, self.data[layer, k][rows, :, slots].transpose(0, 2, 1, 3), 0)
-                for layer in range(self.data.shape[0])] for k in range(2)]
+        with self.lock:
+            data = self.data
+            valid = positions < data.shape[4]
+            slots = np.where(valid, positions, 0)
+            rows = np.arange(positions.shape[0])[:, None]
+            mask = valid[:, None, :, None]
+            out = [[np.where(mask, data[layer, k][rows, :, slots].transpose(0, 2, 1, 3), 0)
+                    for layer in range(data.shape[0])] for k in range(2)]
         return tuple(out[0]), tuple(out[1])
 
     def scatter(self, cache: TextCache) -> None:
@@ -129,7 +131,7 @@ class SlotDecoder:
         self._seqlens = np.zeros(max_batch, dtype=np.int32)
         self._total = np.zeros((), dtype=np.int32)
         self._vocab = cfg.vocab_size
-        self._lock = threading.Lock()  # one buffer: calls from several threads take turns
+        self._lock = threading.RLock()  # one buffer: calls (and cache reads) from several threads take turns
         self._steps: dict[int, ort.IOBinding] = {}
         self._observe = observe
         bound = {io.LOGITS, *(io.present(k, i) for i in range(self._layers) for k in KINDS)}
@@ -161,7 +163,7 @@ class SlotDecoder:
             return current
         if current is not None:
             current.detach()
-        lineage = Lineage(self.buffer[:, :, :rows], self._vocab)
+        lineage = Lineage(self.buffer[:, :, :rows], self._vocab, self._lock)
         if cache.length:
             lineage.scatter(cache)
         self._occupant = weakref.ref(lineage)
