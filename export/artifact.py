@@ -21,6 +21,8 @@ from saisa_edge.config import DTYPE_NAMES, SaisaConfig
 from saisa_edge.errors import SaisaError
 from saisa_edge.export import naavit
 from saisa_edge.export.graph import EMBED_LIMIT, Graph
+from saisa_edge.artifacts.names import DECODER_FORMS
+from saisa_edge.export.contrib import MS_DOMAIN, ROTARY_MULTIPLE, build_contrib_decoder
 from saisa_edge.export.graphs import build_decoder, build_vision, build_visual_kv
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
@@ -40,6 +42,7 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     attention: str = "custom"
     max_context: int | None = None
+    decoder_form: str = "standard"  # names.DECODER_FORMS: the portable NAAViT decoder, or ONNX Runtime's fused ops
 
 
 def _check(options: ExportOptions, cfg: SaisaConfig) -> int:
@@ -51,12 +54,29 @@ def _check(options: ExportOptions, cfg: SaisaConfig) -> int:
         raise SaisaError(f"--attention {options.attention!r} is unknown; choose one of {', '.join(naavit.VARIANTS)}")
     if options.attention == "native" and options.opset < naavit.NATIVE_MIN_OPSET:
         raise SaisaError(f"--attention native needs --opset {naavit.NATIVE_MIN_OPSET} or later (ONNX Attention)")
+    if options.decoder_form not in DECODER_FORMS:
+        raise SaisaError(f"--decoder-form {options.decoder_form!r} is unknown; choose one of {', '.join(DECODER_FORMS)}")
+    if options.decoder_form == "contrib":
+        if options.dtype != "fp32":
+            raise SaisaError(f"--decoder-form contrib --dtype {options.dtype}: the contrib form runs fp32 on ONNX Runtime's "
+                             "CPU kernels; export fp32 (and shrink the weights with calibrate --precision int8_wo/int4_wo)")
+        if cfg.text.head_dim % ROTARY_MULTIPLE:
+            raise SaisaError(f"--decoder-form contrib: head_dim {cfg.text.head_dim} is not a multiple of "
+                             f"{ROTARY_MULTIPLE} (GroupQueryAttention's rotary); use --decoder-form standard")
     limit = cfg.text.max_position_embeddings
     context = options.max_context or limit
     if not cfg.num_visual_tokens < context <= limit:
         raise SaisaError(f"--max-context {context}: must exceed the {cfg.num_visual_tokens} visual tokens and be "
                          f"at most the model's max_position_embeddings {limit}")
     return context
+
+
+def _decoder_domains(options: ExportOptions) -> tuple[list[onnx.FunctionProto], list[tuple[str, int]]]:
+    """The decoder's local functions and extra opset domains."""
+    if options.decoder_form == "contrib":
+        return [], [(MS_DOMAIN, 1)]
+    functions = [naavit.function(options.opset)] if options.attention == "custom" else []
+    return functions, [(naavit.DOMAIN, naavit.DOMAIN_VERSION)] if options.attention != "native" else []
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -75,18 +95,19 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
     context = _check(options, source.config)
     dtype = TORCH_DTYPES[options.dtype]
     tokenizer = PromptTokenizer.load(source.path)
+    contrib = options.decoder_form == "contrib"
     builders = {
         "vision": lambda: build_vision(source, dtype, options.opset),
         "visual_kv": lambda: build_visual_kv(source, dtype),
-        "decoder": lambda: build_decoder(source, dtype, options.attention),
+        "decoder": (lambda: build_contrib_decoder(source, dtype, context)) if contrib
+        else (lambda: build_decoder(source, dtype, options.attention)),
     }
     graphs: dict[str, Any] = {}
     with atomic_folder(out, force, kind=ARTIFACT_KIND, inputs=(source.path, source.vision_tower_path)) as tmp:
         for name, build in builders.items():
             t0 = time.perf_counter()
             g: Graph = build()
-            functions = [naavit.function(options.opset)] if name == "decoder" and options.attention == "custom" else []
-            domains = [(naavit.DOMAIN, naavit.DOMAIN_VERSION)] if name == "decoder" and options.attention != "native" else []
+            functions, domains = _decoder_domains(options) if name == "decoder" else ([], [])
             facts = g.save(tmp / f"{name}.onnx", options.opset, functions, domains, embed_limit)
             onnx.checker.check_model(str(tmp / f"{name}.onnx"), full_check=True)
             graphs[name] = {
@@ -99,6 +120,7 @@ def export_artifact(source: CheckpointSource, out: Path, options: ExportOptions,
         details = {
             "config": dataclasses.asdict(source.config),
             "dtype": options.dtype, "opset": options.opset, "attention": options.attention,
+            "decoder_form": options.decoder_form,
             "max_context": context,
             "conv_mode": tokenizer.default_conv_mode(),
             "templates": {k: dataclasses.asdict(v) for k, v in TEMPLATES.items()},

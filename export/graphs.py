@@ -11,7 +11,7 @@ from saisa_edge.artifacts.names import (
     VISUAL_START, past, present, visual,
 )
 from saisa_edge.checkpoint.loader import CheckpointSource
-from saisa_edge.config import SaisaConfig
+from saisa_edge.config import SaisaConfig, TextConfig
 from saisa_edge.export import naavit
 from saisa_edge.export.graph import ELEM_TYPE, Graph
 from saisa_edge.export.layers import (
@@ -68,7 +68,7 @@ def build_vision(source: CheckpointSource, dtype: torch.dtype, opset: int) -> Gr
     return g
 
 
-def _lm_weights(g: Graph, source: CheckpointSource, dtype: torch.dtype) -> Weights:
+def lm_weights(g: Graph, source: CheckpointSource, dtype: torch.dtype) -> Weights:
     with torch.device("meta"):
         lm = SaisaLM(source.config)
     return Weights(g, source, _shapes(lm), dtype)
@@ -78,7 +78,7 @@ def build_visual_kv(source: CheckpointSource, dtype: torch.dtype) -> Graph:
     cfg = source.config
     t = cfg.text
     g = Graph(name="saisa_visual_kv")
-    w = _lm_weights(g, source, dtype)
+    w = lm_weights(g, source, dtype)
     el = ELEM_TYPE[dtype]
     feats = g.input(FEATURES, el, ["batch", "visual_length", cfg.mm.mm_hidden_size])
     start = g.input(VISUAL_START, I64, ["batch"])
@@ -104,7 +104,7 @@ def build_decoder(source: CheckpointSource, dtype: torch.dtype, attention: str) 
     cfg: SaisaConfig = source.config
     t = cfg.text
     g = Graph(name="saisa_decoder")
-    w = _lm_weights(g, source, dtype)
+    w = lm_weights(g, source, dtype)
     el = ELEM_TYPE[dtype]
     kvh, d = t.num_key_value_heads, t.head_dim
     ids = g.input(INPUT_IDS, I64, ["batch", "query_length"])
@@ -138,11 +138,15 @@ def build_decoder(source: CheckpointSource, dtype: torch.dtype, attention: str) 
         gate, up = linears(g, w, h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
         silu = g.op("Mul", gate, g.op("Sigmoid", gate), name="silu")
         x = g.op("Add", x, linear(g, w, g.op("Mul", silu, up), f"{p}.mlp.down_proj"))
-    x = rms_norm(g, w, x, "model.norm", t.rms_norm_eps)
+    lm_head(g, w, rms_norm(g, w, x, "model.norm", t.rms_norm_eps), t)
+    return g
+
+
+def lm_head(g: Graph, w: Weights, x: str, t: TextConfig) -> None:
+    """The final hidden states -> the fp32 `logits` output [B, T, vocab]."""
     if t.tie_word_embeddings:  # read the embedding once; no transposed copy in the file
         logits = g.op("MatMul", x, g.op("Transpose", w("model.embed_tokens.weight"), perm=[1, 0]))
     else:
         logits = linear(g, w, x, "lm_head")
     logits = g.op("Cast", logits, to=TensorProto.FLOAT, out=LOGITS)
     g.output(logits, LOGITS, TensorProto.FLOAT, ["batch", "query_length", t.vocab_size])
-    return g

@@ -62,12 +62,18 @@ def linear(g: Graph, w: Weights, x: str, prefix: str) -> str:
 def linears(g: Graph, w: Weights, x: str, prefixes: list[str], name: str) -> tuple[str, ...]:
     """Several projections of the same input as one MatMul (one pass over x, one larger
     weight read: what bandwidth-bound decoding wants), split back into their outputs."""
+    y = joined_linear(g, w, x, prefixes, name)
+    sizes = [w.shapes[f"{p}.weight"][0] for p in prefixes]
+    return tuple(g.op("Split", y, g.const(sizes), axis=-1, outputs=len(sizes)))
+
+
+def joined_linear(g: Graph, w: Weights, x: str, prefixes: list[str], name: str) -> str:
+    """The projections of `linears`, their outputs side by side (packed QKV, as fused attention takes it)."""
     weights = w.joined(f"{name}.weight", [f"{p}.weight" for p in prefixes], transpose=True)
     y = g.op("MatMul", x, weights, name=name.rsplit(".", 1)[-1])
     if w.has(f"{prefixes[0]}.bias"):
         y = g.op("Add", y, w.joined(f"{name}.bias", [f"{p}.bias" for p in prefixes], transpose=False))
-    sizes = [w.shapes[f"{p}.weight"][0] for p in prefixes]
-    return tuple(g.op("Split", y, g.const(sizes), axis=-1, outputs=len(sizes)))
+    return y
 
 
 def rms_norm(g: Graph, w: Weights, x: str, prefix: str, eps: float) -> str:

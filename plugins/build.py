@@ -171,6 +171,9 @@ def build_here(art: Artifact, output: Path, target: str, attention: str, max_bat
                force: bool) -> str:
     """Build `art`'s engines for this machine's GPU into `output`; returns what was built, in words."""
     check_output(output, force, kind=ENGINE_KIND, inputs=(art.path,))  # before probing: refused on any machine
+    if art.decoder_form != "standard":
+        raise SaisaError(f"{art.path}: its decoder is the {art.decoder_form} form (ONNX Runtime's fused ops); "
+                         "TensorRT builds from the standard form: export with --decoder-form standard")
     trt, capability = gpu_and_tensorrt()
     chosen = by_compute_capability(*capability) if target == "auto" else named_target(target)
     if chosen.compute_capability is None:

@@ -312,9 +312,13 @@ def _serve_on_ray(opener: Callable[[], Any], options: Any, replicas: int, host: 
               help="custom: saisa::NAAViTAttention with its function body (ONNX Runtime, TensorRT decomposed); "
                    "plugin: the node only (TensorRT with the plugin); native: ONNX Attention (opset 23+).")
 @click.option("--max-context", type=int, default=None, help="Longest sequence the artifact serves (default: the model's).")
+@click.option("--decoder-form", default="standard", show_default=True,
+              help="standard: the portable decoder with saisa::NAAViTAttention (TensorRT builds from it); "
+                   "contrib: ONNX Runtime's fused ops, GroupQueryAttention over a K/V buffer updated in place "
+                   "(fp32; calibrate it for int8_wo/int4 MatMulNBits).")
 @click.option("--force", is_flag=True, help="Replace an earlier export output.")
 def export(checkpoint: Path, output: Path, vision_tower: Path | None, dtype: str, opset: int | None, attention: str,
-           max_context: int | None, force: bool) -> None:
+           max_context: int | None, decoder_form: str, force: bool) -> None:
     """Export CHECKPOINT to an artifact folder: vision, visual K/V and decoder ONNX graphs plus a manifest."""
     require_export("export")
     from saisa_edge.checkpoint.loader import open_checkpoint
@@ -325,7 +329,7 @@ def export(checkpoint: Path, output: Path, vision_tower: Path | None, dtype: str
     t0 = time.perf_counter()
     source = open_checkpoint(checkpoint, vision_tower)
     opset = opset or (NATIVE_MIN_OPSET if attention == "native" else DEFAULT_OPSET)
-    export_artifact(source, output, ExportOptions(dtype, opset, attention, max_context), force)
+    export_artifact(source, output, ExportOptions(dtype, opset, attention, max_context, decoder_form), force)
     say(f"wrote {output} in {time.perf_counter() - t0:.1f} s")
 
 

@@ -43,17 +43,24 @@ def _model(details: dict[str, Any], where: str) -> tuple[SaisaConfig, str, int]:
     return cfg, dtype, context
 
 
-def interface(cfg: SaisaConfig) -> dict[str, dict[str, tuple[int | None, ...]]]:
-    """Each graph's inputs and outputs as `cfg` implies them: name -> dims (None: a dynamic one)."""
+def interface(cfg: SaisaConfig, form: str = "standard",
+              context: int | None = None) -> dict[str, dict[str, tuple[int | None, ...]]]:
+    """Each graph's inputs and outputs as `cfg` (and for the contrib decoder form, its K/V
+    buffer of `context` slots) implies them: name -> dims (None: a dynamic one)."""
     t, v, n = cfg.text, cfg.vision, cfg.num_visual_tokens
     kv, d, layers = t.num_key_value_heads, t.head_dim, range(t.num_hidden_layers)
     _ = None
     per_layer = {io.visual(k, i): (_, kv, _, d) for i in layers for k in ("key", "value")}
-    decoder = {io.INPUT_IDS: (_, _), io.POSITION_IDS: (_, _), io.PAST_POSITIONS: (_, _), io.VISUAL_END: (_,),
-               io.LOGITS: (_, _, t.vocab_size), io.PRESENT_POSITIONS: (_, _), **per_layer}
+    if form == "contrib":
+        decoder = {io.INPUT_IDS: (_, _), io.SEQLENS_K: (_,), io.TOTAL_LENGTH: (), io.LOGITS: (_, _, t.vocab_size)}
+        cache: tuple[int | None, ...] = (_, kv, context, d)
+    else:
+        decoder = {io.INPUT_IDS: (_, _), io.POSITION_IDS: (_, _), io.PAST_POSITIONS: (_, _), io.VISUAL_END: (_,),
+                   io.LOGITS: (_, _, t.vocab_size), io.PRESENT_POSITIONS: (_, _), **per_layer}
+        cache = (_, kv, _, d)
     for i in layers:
         for k in ("key", "value"):
-            decoder[io.past(k, i)] = decoder[io.present(k, i)] = (_, kv, _, d)
+            decoder[io.past(k, i)] = decoder[io.present(k, i)] = cache
     return {
         "vision": {io.PIXEL_VALUES: (_, v.num_channels, v.crop_size, v.crop_size), io.FEATURES: (_, n, v.hidden_size)},
         "visual_kv": {io.FEATURES: (_, _, cfg.mm.mm_hidden_size), io.VISUAL_START: (_,), **per_layer},
@@ -61,9 +68,9 @@ def interface(cfg: SaisaConfig) -> dict[str, dict[str, tuple[int | None, ...]]]:
     }
 
 
-def _check_interface(cfg: SaisaConfig, graphs: dict[str, Any], where: str) -> None:
+def _check_interface(cfg: SaisaConfig, form: str, context: int, graphs: dict[str, Any], where: str) -> None:
     """The config must agree with the inputs and outputs recorded for each graph (one edit cannot pass)."""
-    for graph, want in interface(cfg).items():
+    for graph, want in interface(cfg, form, context).items():
         entry = graphs[graph]
         values = entry.get("inputs"), entry.get("outputs")
         if not all(isinstance(vs, list) and all(isinstance(x, dict) for x in vs) for vs in values):
@@ -84,6 +91,15 @@ def _digest(files: dict[str, FileEntry], names: tuple[str, ...]) -> str:
         if name.startswith(names):
             h.update(f"{name}|{files[name].sha256}\n".encode())
     return h.hexdigest()
+
+
+def decoder_form(details: dict[str, Any], where: str) -> str:
+    """Which decoder the folder holds (artifacts written before the contrib form hold the standard one)."""
+    form = details.get("decoder_form", "standard")
+    if form not in io.DECODER_FORMS:
+        raise SaisaError(f"{where}: details.decoder_form {form!r} is unknown; this saisa-edge knows "
+                         f"{', '.join(io.DECODER_FORMS)}")
+    return str(form)
 
 
 def precision_of(details: dict[str, Any]) -> str:
@@ -112,6 +128,7 @@ class Artifact:
     details: dict[str, Any]
     files: dict[str, FileEntry]
     manifest_sha256: str
+    decoder_form: str = "standard"  # names.DECODER_FORMS
 
     def graph(self, name: str) -> Path:
         return self.path / self.details["graphs"][name]["file"]
@@ -136,11 +153,12 @@ def artifact_of(opened: Opened) -> Artifact:
         if entry.get("external_data") is not None:
             named(m, entry["external_data"], f"{where}: details.graphs.{name}.external_data")
         _field(entry, "weights_bytes", int, f"{where}: graphs.{name}")
-    _check_interface(cfg, d["graphs"], where)
+    form = decoder_form(d, where)
+    _check_interface(cfg, form, context, d["graphs"], where)
     source = d.get("source", {})
     if not (isinstance(source, dict) and all(isinstance(v, str) for v in source.values())):
         raise SaisaError(f"{where}: details.source is not an object of paths")
-    return Artifact(opened.path, cfg, dtype, context, _precision(d, where), d, m.files, opened.manifest_sha256)
+    return Artifact(opened.path, cfg, dtype, context, _precision(d, where), d, m.files, opened.manifest_sha256, form)
 
 
 def open_artifact(path: Path, verify: bool = True) -> Artifact:
@@ -177,6 +195,7 @@ class Engines:
     dtype: str
     files: dict[str, FileEntry]
     manifest_sha256: str
+    decoder_form: str = "standard"  # names.DECODER_FORMS
 
     @property
     def max_context(self) -> int:

@@ -8,11 +8,15 @@ import numpy as np
 import onnxruntime as ort
 
 from saisa_edge.backends import Observer
+from saisa_edge.backends.ort_slots import SlotDecoder
 from saisa_edge.artifacts import Artifact
 from saisa_edge.artifacts import names as io
 from saisa_edge.errors import SaisaError
 from saisa_edge.runtime.kv import NUMPY_DTYPES, TextCache, VisualKV
 from saisa_edge.runtime.visual_cache import pixel_digest
+
+
+MAX_BATCH = 8  # rows of the contrib decoder's K/V buffer (memory is taken only by the slots written)
 
 
 def providers() -> list[str]:
@@ -24,11 +28,11 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, artifact: Artifact, graphs: dict[str, Path] | None = None, observe: Observer | None = None,
-                 features: dict[str, np.ndarray] | None = None):
+                 features: dict[str, np.ndarray] | None = None, max_batch: int = MAX_BATCH):
         """`graphs` replaces some of the artifact's graph files (calibration's tapped copies);
         `observe(graph, outputs)` sees every run's outputs by name; `features`, when given, keeps
         each image's vision features by pixel digest and reuses them (calibration's passes run
-        every image more than once)."""
+        every image more than once); `max_batch` sizes the K/V buffer of a contrib decoder."""
         self.config = artifact.config
         self.dtype = artifact.dtype
         self.max_context = artifact.max_context
@@ -54,6 +58,8 @@ class OrtBackend:
         self._visual_feeds: tuple[VisualKV | None, dict[str, np.ndarray]] = (None, {})
         self._observe = observe
         self._features = features
+        self._slots = SlotDecoder(self.sessions["decoder"], self.config.text, self.max_context, self._np_dtype,
+                                  max_batch, observe) if artifact.decoder_form == "contrib" else None
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = dict(zip(self._outputs[graph], self.sessions[graph].run(None, feeds)))
@@ -96,6 +102,8 @@ class OrtBackend:
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, cache: TextCache,
                 visual: VisualKV | None) -> tuple[np.ndarray, TextCache]:
+        if self._slots is not None:
+            return self._slots.forward(ids, positions, cache, visual)
         feeds = {
             io.INPUT_IDS: np.ascontiguousarray(ids, dtype=np.int64),
             io.POSITION_IDS: np.ascontiguousarray(positions, dtype=np.int64),
