@@ -261,7 +261,7 @@ def _fit_smol_projectors(
                   "calibration prompts (joined by spaces, repeated, one window per image) closed by a line break "
                   "and placed in the image's place after the prompt's prefix; the first linear stays as drawn. "
                   "The image path is untrained: it carries no information about the image.",
-        "fit_images": [f"saisa_edge/assets/{p.parent.name}/{p.name}" for p in images],
+        "fit_images": [f"saisa_edge/{p.relative_to(DEMO_IMAGE.parent.parent).as_posix()}" for p in images],
         "passages": {"count": len(images), "tokens": cfg.num_visual_tokens, "end": "\n",
                      "text": f"saisa_edge/assets/calibration/{FIT_PROMPTS.name}", "prefix": text.split(IMAGE_PLACEHOLDER)[0]},
     }
