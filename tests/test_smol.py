@@ -99,11 +99,10 @@ def smol_artifact(smol_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17 open: with the fitted projectors SmolLM2 stays fluent after the "
-                   "image but does not answer the question (PyTorch reference: 'This is a very good thing to have.')")
 @pytest.mark.parametrize("source", ["smol_dir", "smol_artifact"])
 def test_fluent_with_the_image_attached(source, request):
-    """The fitted image path reads like varied text: the answer is SmolLM2's, on PyTorch and ONNX Runtime."""
+    """The fitted image path reads like a passage of text ending in a line break: SmolLM2 answers
+    the question after it, on PyTorch and ONNX Runtime (the demo image is not a fit image)."""
     data = _run_json(request.getfixturevalue(source), "--image", str(DEMO_IMAGE),
                      "--prompt", "What is the capital of France?", "--max-new-tokens", "24")
     assert data["visual_cache"] == "miss" and data["backend"] == ("torch" if source == "smol_dir" else "onnxruntime")
@@ -133,19 +132,22 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def test_visual_kv_differ_between_images_and_read_like_text(smol):
-    """Held-out images (not in FIT_IMAGES): their K/V differ, and per layer their RMS is within
-    KV_FACTOR of the text K/V's (the random projectors were off by orders of magnitude)."""
+    """The fit image (demo.png) and two held-out images: their K/V differ, and per layer their
+    RMS is within KV_FACTOR of the text K/V's (the random projectors were off by orders of magnitude)."""
     from saisa_edge.checkpoint.presets import FIT_IMAGES
 
-    held_out = DEMO_IMAGE.parent / "validation" / "03-table_objects.png"
-    assert DEMO_IMAGE not in FIT_IMAGES and held_out not in FIT_IMAGES
-    a, b = _visual_kv(smol, DEMO_IMAGE), _visual_kv(smol, held_out)
+    held_out = [DEMO_IMAGE.parent / "validation" / name for name in ("03-table_objects.png", "05-clock.png")]
+    assert FIT_IMAGES == [DEMO_IMAGE] and not set(held_out) & set(FIT_IMAGES)
+    kvs = [_visual_kv(smol, image) for image in [DEMO_IMAGE, *held_out]]
     keys, values = _text_kv(smol, "Paris is the capital and largest city of France, on the river Seine. "
                                   "Name three colours, count to five and describe a clock.")
-    for layer, (ka, kb, va, vb) in enumerate(zip(a.keys, b.keys, a.values, b.values)):
-        assert _rms(ka - kb) > 0.05 * _rms(ka) and _rms(va - vb) > 0.05 * _rms(va), layer
-        for visual, text in ((ka, keys[layer]), (va, values[layer])):
-            assert 1 / KV_FACTOR < _rms(visual) / _rms(text) < KV_FACTOR, (layer, _rms(visual), _rms(text))
+    for layer in range(len(keys)):
+        for a, b in zip(kvs, kvs[1:]):
+            ka, kb, va, vb = a.keys[layer], b.keys[layer], a.values[layer], b.values[layer]
+            assert _rms(ka - kb) > 0.05 * _rms(ka) and _rms(va - vb) > 0.05 * _rms(va), layer
+        for kv in kvs:
+            for visual, text in ((kv.keys[layer], keys[layer]), (kv.values[layer], values[layer])):
+                assert 1 / KV_FACTOR < _rms(visual) / _rms(text) < KV_FACTOR, (layer, _rms(visual), _rms(text))
 
 
 def test_smol_export_runs_in_onnxruntime(smol_dir, smol, tmp_path):

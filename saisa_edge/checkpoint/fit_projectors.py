@@ -3,11 +3,16 @@
 No vision weights are reachable, so the projectors cannot carry information about the
 image. Left at random, their outputs are nothing SmolLM2's layers ever see (the text
 after the image then degenerates into loops). Here each layer's last projector linear
-is set so that an image reads, at every layer, like a passage of text: over the bundled
-images, P_l(F) gets the mean and covariance of SmolLM2's layer-l inputs on passages of
-the bundled calibration prompts placed where the image goes. (Random-token passages,
-tried first, leave the model rambling: it does not answer the question after them.) The map is affine in the projector's
-hidden activations, so different images still give different visual K/V.
+is fitted by ridge least squares so that P_l(F) of the bundled fit images reproduces
+SmolLM2's own layer-l input hidden states of a passage of varied text placed where the
+image goes: an image then reads, at every layer, like that passage. If P_l(F) equalled
+those states exactly, every visual K/V would be the plain model's K/V for the passage
+(tests/test_fit_projectors.py checks this identity). The passage ends in a line break because the
+original's tokenisation drops the first token after `<image>` (the "\\n" of "<image>\\n")
+whenever the prompt starts with the BOS, as SmolLM2's chatml prompt does: without it the
+question runs on from the passage and SmolLM2 continues the passage instead of answering.
+The map is affine in the projector's hidden activations, so different images still give
+different visual K/V.
 """
 
 from __future__ import annotations
@@ -21,28 +26,24 @@ from torch import nn
 from saisa_edge.model import split
 from saisa_edge.model.llama import SaisaLM
 
-BETWEEN_IMAGE_WEIGHT = 8.0
-"""How much more the fit weighs variation between images than variation within one.
-
-The random vision tower varies mostly from image to image and little from patch to
-patch; matched as one covariance, that would make each image a near-constant
-sequence (576 copies of one "word", which SmolLM2 does not answer after). Counting the
-between-image part this many times over moves the matched variance onto the patches."""
-SHRINK = 1e-3
-"""Ridge on the activations' covariance, in units of its mean variance: keeps the
-whitening finite in directions the bundled images barely span."""
+RIDGE = 1e-1
+"""Ridge on the activations' covariance, in units of its mean variance: keeps the solve
+well posed in directions the fit images barely span, so that unseen images are not
+thrown far off by them."""
 
 
-def text_passages(ids: list[int], count: int, length: int) -> torch.Tensor:
-    """[count, length] consecutive windows of the token stream `ids`, repeated as often as needed."""
-    stream = ids * -(-count * length // len(ids))
-    return torch.tensor(stream[: count * length]).view(count, length)
+def text_passages(ids: list[int], count: int, length: int, end: list[int]) -> torch.Tensor:
+    """[count, length] consecutive windows of the token stream `ids` (repeated as often as
+    needed), each cut to leave room for `end`, which closes it."""
+    body = length - len(end)
+    stream = ids * -(-count * body // len(ids))
+    return torch.tensor([stream[i * body : (i + 1) * body] + end for i in range(count)])
 
 
 @torch.no_grad()
 def layer_inputs(lm: SaisaLM, prefix: list[int], passages: torch.Tensor) -> torch.Tensor:
     """Each layer's input hidden states at the passages' positions, after `prefix`:
-    [layers, count * length, hidden] (the states a visual token replaces, at its positions)."""
+    [layers, count, length, hidden] (the states a visual token replaces, at its positions)."""
     states: list[list[torch.Tensor]] = [[] for _ in lm.layers]
     n = len(prefix)
 
@@ -58,43 +59,30 @@ def layer_inputs(lm: SaisaLM, prefix: list[int], passages: torch.Tensor) -> torc
     finally:
         for h in hooks:
             h.remove()
-    return torch.stack([torch.cat(s) for s in states])
+    return torch.stack([torch.stack(s) for s in states])
 
 
-def _sqrtm(c: torch.Tensor, power: float) -> torch.Tensor:
-    """c ** power for a symmetric positive semi-definite matrix."""
-    e, u = torch.linalg.eigh(c)
-    return (u * e.clamp_min(1e-9 * float(e.max())).pow(power)) @ u.T
-
-
-def matching_linear(acts: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) of the linear taking activations [images, tokens, d] to outputs with
-    the targets' [n, hidden] mean and covariance.
-
-    weight = Sigma^(1/2) C^(-1/2), bias = mu - weight m, where m is the activations' mean
-    and C = W + BETWEEN_IMAGE_WEIGHT * B their within- plus weighted between-image covariance.
-    """
-    a = acts.double()
-    t = targets.double()
-    image_means = a.mean(1)
-    within = torch.cov((a - image_means[:, None]).reshape(-1, a.shape[-1]).T)
-    between = torch.cov(image_means.T) if a.shape[0] > 1 else torch.zeros_like(within)
-    c = within + BETWEEN_IMAGE_WEIGHT * between
-    c = c + SHRINK * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-    weight = _sqrtm(torch.cov(t.T), 0.5) @ _sqrtm(c, -0.5)
-    bias = t.mean(0) - weight @ a.reshape(-1, a.shape[-1]).mean(0)
-    return weight.float(), bias.float()
+def ridge_linear(acts: torch.Tensor, targets: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) minimising |acts @ weight.T + bias - targets|^2 + ridge * mean variance * |weight|^2
+    over rows [..., d] -> [..., hidden] (the bias is not penalised)."""
+    a = acts.reshape(-1, acts.shape[-1]).double()
+    t = targets.reshape(-1, targets.shape[-1]).double()
+    m, mu = a.mean(0), t.mean(0)
+    a = a - m
+    c = a.T @ a / len(a)
+    c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    weight = torch.linalg.solve(c, a.T @ (t - mu) / len(a)).T
+    return weight.float(), (mu - weight @ m).float()
 
 
 @torch.no_grad()
 def fit_projectors(lm: SaisaLM, features: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """New `model.layers.{l}.mm_projector.2.{weight,bias}` for features [images, N_v, mm_hidden]
-    and targets [layers, n, hidden] (`layer_inputs`); the first linear stays as drawn."""
+    and targets [layers, images, N_v, hidden] (`layer_inputs`); the first linear stays as drawn."""
     fitted: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(lm.layers):
         first = cast(nn.Linear, cast(nn.Sequential, layer.mm_projector)[0])
-        acts = F.gelu(first(features.float()))
-        weight, bias = matching_linear(acts, targets[i])
+        weight, bias = ridge_linear(F.gelu(first(features.float())), targets[i])
         fitted[f"model.layers.{i}.mm_projector.2.weight"] = weight
         fitted[f"model.layers.{i}.mm_projector.2.bias"] = bias
     return fitted

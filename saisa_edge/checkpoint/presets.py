@@ -48,9 +48,12 @@ USER: Describe the picture in detail. ASSISTANT: There is a small cat sitting on
 What colour is the car? How many people are there? Is it day or night?
 The quick brown fox jumps over the lazy dog. 0123456789 images, tokens, layers, keys, values.
 """
-FIT_IMAGES = sorted((DEMO_IMAGE.parent / "calibration").glob("*.png"))[:6]
-"""The smol projectors are fitted on one bundled calibration image of each kind; the demo
-and validation images stay out of the fit."""
+FIT_IMAGES = [DEMO_IMAGE]
+"""The smol projectors are fitted on the demo image alone: one least-squares map from the random
+tower's features of six calibration images to one passage reproduced none of them closely enough
+(relative error 0.5-0.9 per layer; with the demo image "What is the capital of France?" then got
+"The answer to this question is:"). Other images are not fitted: their states are 1.5-2.5x the
+passage's RMS and not text-like."""
 FIT_PROMPTS = DEMO_IMAGE.parent / "calibration" / "prompts.txt"
 
 
@@ -247,18 +250,19 @@ def _fit_smol_projectors(
     ids = tokenizer.encode(text)
     prefix = ids[: ids.index(IMAGE_TOKEN_INDEX)]
     prompts = [line for line in FIT_PROMPTS.read_text().splitlines() if line and not line.startswith("#")]
-    passages = fit.text_passages(tokenizer.tokenize(" ".join(prompts)), len(images), cfg.num_visual_tokens)
+    end = tokenizer.tokenize("\n")  # what the original's tokenisation drops after <image> (see fit_projectors)
+    passages = fit.text_passages(tokenizer.tokenize(" ".join(prompts)), len(images), cfg.num_visual_tokens, end)
     say(f"fitting the projectors to SmolLM2's hidden states on {len(images)} passages of the calibration prompts")
     targets = fit.layer_inputs(lm, prefix, passages)
     details = {
-        "method": "last projector linear per layer set so that P_l(F) over the fit images has the mean and "
-                  "covariance of SmolLM2's layer-l input hidden states on passages of the bundled calibration "
-                  "prompts (joined by spaces, repeated) in the image's place (weight = Sigma^1/2 C^-1/2, bias = mu - weight m; C = within-image + "
-                  f"{fit.BETWEEN_IMAGE_WEIGHT:g} x between-image covariance of the projector's GELU activations, "
-                  f"ridge {fit.SHRINK:g} x mean variance); the first linear stays random. The image path carries "
-                  "no information about the image.",
-        "fit_images": [f"saisa_edge/assets/{p.parent.name}/{p.name}" for p in images],
-        "passages": {"count": len(images), "tokens": cfg.num_visual_tokens,
+        "method": "last projector linear per layer fitted by ridge least squares (ridge "
+                  f"{fit.RIDGE:g} x mean variance of the projector's GELU activations, bias free) so that P_l(F) "
+                  "of each fit image reproduces SmolLM2's layer-l input hidden states of one passage of the bundled "
+                  "calibration prompts (joined by spaces, repeated, one window per image) closed by a line break "
+                  "and placed in the image's place after the prompt's prefix; the first linear stays as drawn. "
+                  "The image path is untrained: it carries no information about the image.",
+        "fit_images": [f"saisa_edge/{p.relative_to(DEMO_IMAGE.parent.parent).as_posix()}" for p in images],
+        "passages": {"count": len(images), "tokens": cfg.num_visual_tokens, "end": "\n",
                      "text": f"saisa_edge/assets/calibration/{FIT_PROMPTS.name}", "prefix": text.split(IMAGE_PLACEHOLDER)[0]},
     }
     return fit.fit_projectors(lm, features, targets), details
