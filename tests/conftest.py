@@ -31,6 +31,19 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_dir(tmp_path_factory) -> Path:
+    """The smol preset (real SmolLM2 weights, projectors fitted), made once per test run: minutes."""
+    from click.testing import CliRunner
+
+    from saisa_edge.cli import main
+
+    out = tmp_path_factory.mktemp("smol") / "smol"
+    r = CliRunner().invoke(main, ["make-checkpoint", "--preset", "smol", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_gqa_dir(tmp_path_factory) -> Path:
     spec = tiny(seed=1, num_attention_heads=6, num_key_value_heads=2, hidden_size=48)
     return write_checkpoint(spec, tmp_path_factory.mktemp("ckpt") / "tiny-gqa", dtype="fp32", preset="tiny")

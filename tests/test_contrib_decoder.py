@@ -27,7 +27,6 @@ from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.runtime.kv import TextCache, text_layout
 from saisa_edge.runtime.session import Request, Session
 from tests.conftest import DEMO_IMAGE
-from tests.test_smol import smol_dir  # noqa: F401  (the smol checkpoint fixture, made once per module)
 
 FP32_BOUND = 1e-4  # as tests/test_export.py: ONNX Runtime reorders fp32 sums; logits are O(1)
 VICUNA = TEMPLATES["vicuna_v1"]

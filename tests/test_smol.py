@@ -24,14 +24,6 @@ KV_FACTOR = 2.0
 
 
 @pytest.fixture(scope="module")
-def smol_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smol") / "smol"
-    r = CliRunner().invoke(main, ["make-checkpoint", "--preset", "smol", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    return out
-
-
-@pytest.fixture(scope="module")
 def smol(smol_dir):
     return load_checkpoint(smol_dir)
 
