@@ -21,12 +21,12 @@ WEIGHT_BITS = dict(zip(WEIGHT_ONLY, (8, 4, 4)))  # W8A16 / W4A16 (float activati
 DEFAULT_GROUP_SIZE = 128
 # MatMulNBits' accuracy_level: 0 (unset) and 1 compute in fp32, 2 fp16, 3 bf16; 4 quantizes each
 # block of activations to int8 on the fly, which ONNX Runtime's x86 kernels need to be fast
-# (measured on AVX2 without VNNI: 4-bit decode GEMV ~15x, 8-bit ~80x faster than level 0).
-# Per format, the level that holds the format's accuracy mark on smol (docs/benchmarks.md):
-# int8_wo loses its mark to level 4's int8 activations (top-1 0.934 < 0.98), so it computes
-# in float, at a large speed cost on x86; int4's error is the weights' own, level 4 adds little.
+# (measured on AVX2 without VNNI: 8-bit decode GEMV 14 ms at level 4, 770-1140 ms at 0-3, fp32 77).
+# Measured on smol, text-only: int8_wo top-1 0.934 / ppl +0.60% at level 4, 0.949 / -0.02% at
+# level 0 (exact W8A16): neither holds the 0.98 top-1 mark, both the 1% perplexity mark, so the
+# default stays the fast level 4 for every format; --nbits-accuracy 0 buys W8A16 exactly.
 NBITS_ACCURACY = (0, 1, 2, 3, 4)
-DEFAULT_NBITS_ACCURACY = {"int8_wo": 0, "int4_awq": 4, "int4_rtn": 4}
+DEFAULT_NBITS_ACCURACY = {"int8_wo": 4, "int4_awq": 4, "int4_rtn": 4}
 # int4 zero points (uint4, AWQ's form): ONNX Runtime runs them; TensorRT's INT4 DequantizeLinear is
 # symmetric and takes blocks of 64 or 128 only, so its targets get symmetric int4 in those blocks
 DEFAULT_ASYMMETRIC = True

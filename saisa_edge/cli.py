@@ -290,8 +290,8 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
               help="int4_awq/int4_rtn: rows of K sharing a scale (a power of two, at least 16).")
 @click.option("--nbits-accuracy", type=click.Choice([str(v) for v in recipes.NBITS_ACCURACY]), default=None,
               help="Weight-only on --target cpu: MatMulNBits computing in float (0-3) or with int8 activations "
-                   "(4: ONNX Runtime's fast x86 kernels). Default: the level that holds the format's accuracy "
-                   f"mark ({', '.join(f'{k} {v}' for k, v in recipes.DEFAULT_NBITS_ACCURACY.items())}).")
+                   "(4: ONNX Runtime's fast x86 kernels). Default per format, as measured on smol "
+                   f"({', '.join(f'{k} {v}' for k, v in recipes.DEFAULT_NBITS_ACCURACY.items())}).")
 @click.option("--zero-point/--symmetric", "zero_point", default=None,
               help="int4: a zero point per block (uint4; default on --target cpu) or symmetric (TensorRT targets).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
