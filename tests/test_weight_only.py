@@ -147,6 +147,8 @@ def test_nbits_layout_is_what_the_spec_says():
     assert packed.shape == (2, 1, 16) and block == 32 and scales.shape == (2, 1)
     assert packed[1, 0, 0] == 0xF0 and packed[0, 0, 0] == 0x88  # zeros sit at the default zero point 8
     assert weight_only.nbits_zero_points(q) is None
+    per_channel = weight_only.quantize(_weight(576, 4), 8, 576)  # int8 in blocks of 16: level 4's activation blocks
+    assert weight_only.nbits_block(per_channel) == 16 and weight_only.nbits_arrays(per_channel)[0].shape == (4, 36, 16)
 
 
 def test_nbits_zero_points_pack_two_blocks_a_byte():
