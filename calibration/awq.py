@@ -95,28 +95,29 @@ def search_scale(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray],
 
 
 def search_clip(x: np.ndarray, w: np.ndarray, bits: int, block: int, grid: int = CLIP_GRID,
-                max_shrink: float = MAX_SHRINK) -> np.ndarray:
-    """Per (block of K, output column): the range, from max |w| down to (1 - max_shrink) of
-    it, whose quantization gives that block's slice of x @ W the least squared error."""
+                max_shrink: float = MAX_SHRINK, asymmetric: bool = False) -> np.ndarray:
+    """Per (block of K, output column): the fraction of the block's range, from 1 down to
+    1 - max_shrink, whose quantization gives that block's slice of x @ W the least squared error."""
     k, n = w.shape
     blocks = -(-k // block)
-    amax = np.zeros((blocks, n), np.float32)
+    shrink = np.ones((blocks, n), np.float32)
     for g in range(blocks):
         rows = slice(g * block, min((g + 1) * block, k))
         wg, xg = w[rows], x[:, rows]
-        full = np.abs(wg).max(axis=0)
         best_err = np.full(n, np.inf)
         for i in range(int(grid * max_shrink)):
-            cand = full * (1 - i / grid)
-            err = np.mean((xg @ (wg - quantize(wg, bits, wg.shape[0], cand[None]).dequantize())) ** 2, axis=0)
+            cand = np.full((1, n), 1 - i / grid, np.float32)
+            err = np.mean((xg @ (wg - quantize(wg, bits, wg.shape[0], cand, asymmetric).dequantize())) ** 2, axis=0)
             better = err < best_err
-            best_err[better], amax[g, better] = err[better], cand[better]
-    return amax
+            best_err[better], shrink[g, better] = err[better], cand[0, better]
+    return shrink
 
 
-def quantize_layer(x: np.ndarray, w: np.ndarray, bits: int, block: int, clip: bool) -> WeightQuant:
+def quantize_layer(x: np.ndarray, w: np.ndarray, bits: int, block: int, clip: bool,
+                   asymmetric: bool = False) -> WeightQuant:
     """RTN of `w` [K, N], with AWQ's clipping search on `x` when `clip`."""
-    return quantize(w, bits, block, search_clip(x, w, bits, block) if clip else None)
+    shrink = search_clip(x, w, bits, block, asymmetric=asymmetric) if clip else None
+    return quantize(w, bits, block, shrink, asymmetric)
 
 
 def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[str, TensorStats], recipe: Recipe
@@ -131,7 +132,7 @@ def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[st
         return w.T if site.transposed else w
 
     def rtn(w: np.ndarray) -> WeightQuant:
-        return quantize(w, recipe.weight_bits, block_of(recipe, w.shape[0]))
+        return quantize(w, recipe.weight_bits, block_of(recipe, w.shape[0]), asymmetric=recipe.asymmetric)
 
     if not recipe.awq:
         return sites, [], {s.node: rtn(weight(s)) for s in sites}, {}
@@ -154,5 +155,6 @@ def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[st
         if old.activation in scales:
             x = x / scales[old.activation]
         w = weight(site)  # smoothed in place: rows scaled by s
-        quants[site.node] = quantize_layer(x, w, recipe.weight_bits, block_of(recipe, w.shape[0]), clip=True)
+        quants[site.node] = quantize_layer(x, w, recipe.weight_bits, block_of(recipe, w.shape[0]), clip=True,
+                                           asymmetric=recipe.asymmetric)
     return new_sites, scaled, quants, alphas

@@ -177,7 +177,8 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
             "seconds": round(calibration_s, 1),
             "ranges": {t: {"amax": round(v, 6), "noise": round(noise[t], 4)} for t, v in sorted(amax.items())},
             **({"awq_alpha": dict(sorted(alphas.items())),
-                "runs_on": weight_only.ACCEPTED_BY[recipe.form][f"int{recipe.weight_bits}"]}
+                "runs_on": weight_only.ACCEPTED_BY[recipe.form][
+                    "uint4" if recipe.asymmetric else f"int{recipe.weight_bits}"]}
                if recipe.weight_only else {}),
             "source": {"artifact": str(art.path), "manifest_sha256": art.manifest_sha256},
         }

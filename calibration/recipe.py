@@ -1,7 +1,7 @@
 """What gets quantized, how, and for which target: one `Recipe` per calibration.
 
 Quantized: every linear layer (MatMul by a `.weight` initializer): weights
-per-channel (INT8) or per-tensor (FP8) symmetric, activations per-tensor symmetric,
+per-output-channel symmetric (INT8 and FP8), activations per-tensor symmetric,
 zero points 0 - the Q/DQ pattern TensorRT fuses into its INT8/FP8 GEMMs.
 Left in the export precision: norms, softmax, RoPE, the NAAViT attention op, the
 embedding, and by choice (`keep`) the LM head and the vision tower.
@@ -13,17 +13,23 @@ from dataclasses import dataclass
 
 from saisa_edge.calibration.stats import METHODS
 from saisa_edge.errors import SaisaError
-from saisa_edge.targets import WEIGHT_ONLY, Target, check_precision, target
+from saisa_edge.targets import TENSORRT_INT4_BLOCKS, WEIGHT_ONLY, Target, check_precision, target
 
 PRECISIONS = ("int8", "fp8", "int8_sq", "int8_wo", "int4_awq", "int4_rtn")
 SPELLINGS = {"int8_sq": "int8"}  # int8 (W8A8, SmoothQuant) keeps its manifest name; int8_sq is TensorRT-LLM's
 WEIGHT_BITS = dict(zip(WEIGHT_ONLY, (8, 4, 4)))  # W8A16 / W4A16 (float activations): bits of the weights
 DEFAULT_GROUP_SIZE = 128
-# MatMulNBits' accuracy_level: 0 computes in float (W4A16 exactly); 4 quantizes each block of
-# activations to int8 on the fly, which ONNX Runtime's x86 kernels need to be fast (measured:
-# 4-bit decode GEMV ~15x faster, 8-bit ~35x, than level 0 on AVX2 without VNNI)
-NBITS_ACCURACY = (0, 4)
-DEFAULT_NBITS_ACCURACY = 4
+# MatMulNBits' accuracy_level: 0 (unset) and 1 compute in fp32, 2 fp16, 3 bf16; 4 quantizes each
+# block of activations to int8 on the fly, which ONNX Runtime's x86 kernels need to be fast
+# (measured on AVX2 without VNNI: 8-bit decode GEMV 14 ms at level 4, 770-1140 ms at 0-3, fp32 77).
+# Measured on smol, text-only: int8_wo top-1 0.934 / ppl +0.60% at level 4, 0.949 / -0.02% at
+# level 0 (exact W8A16): neither holds the 0.98 top-1 mark, both the 1% perplexity mark, so the
+# default stays the fast level 4 for every format; --nbits-accuracy 0 buys W8A16 exactly.
+NBITS_ACCURACY = (0, 1, 2, 3, 4)
+DEFAULT_NBITS_ACCURACY = {"int8_wo": 4, "int4_awq": 4, "int4_rtn": 4}
+# int4 zero points (uint4, AWQ's form): ONNX Runtime runs them; TensorRT's INT4 DequantizeLinear is
+# symmetric and takes blocks of 64 or 128 only, so its targets get symmetric int4 in those blocks
+DEFAULT_ASYMMETRIC = True
 KEEPABLE = ("lm_head", "vision")
 DEFAULT_KEEP = ("lm_head",)
 DEFAULT_METHOD = {"int8": "percentile", "fp8": "max"}
@@ -31,6 +37,12 @@ DEFAULT_SMOOTHQUANT = 0.5
 DEFAULT_MAX_NOISE = 0.1
 DEFAULT_PERCENTILE = 99.99
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
+# Where per-output-channel weight scales run (TensorRT: its documentation, not run here: no GPU)
+PER_CHANNEL_ACCEPTED_BY = {
+    "int8": "TensorRT >= 8 (sm_75+, Orin included): per-channel INT8 weight DQ; ONNX Runtime CPU",
+    "fp8": "TensorRT >= 10 on sm_89+ (L4, H100): per-channel FP8 weight DQ, as ModelOpt's ONNX FP8 recipe "
+           "writes; ONNX Runtime CPU (folds the weights to float at load)",
+}
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,8 @@ class Recipe:
     percentile: float = DEFAULT_PERCENTILE
     max_noise: float = DEFAULT_MAX_NOISE  # a linear whose input would lose more (noise/signal) stays in float
     group_size: int = DEFAULT_GROUP_SIZE  # int4: rows of K sharing a scale
-    nbits_accuracy: int = DEFAULT_NBITS_ACCURACY  # MatMulNBits' accuracy_level (the cpu form)
+    nbits_accuracy: int = 0  # MatMulNBits' accuracy_level (the cpu form)
+    asymmetric: bool = False  # int4 with a zero point per block (uint4)
 
     @property
     def weight_only(self) -> bool:
@@ -78,16 +91,20 @@ class Recipe:
 
     @property
     def per_channel_weights(self) -> bool:
-        """INT8 GEMMs take a scale per output channel; FP8 ones are calibrated per tensor."""
-        return self.precision == "int8"
+        """A scale per output channel for INT8 and FP8 weights: TensorRT 10 takes per-channel
+        weight DQ (axis 1) into both GEMMs (ModelOpt's ONNX FP8 recipe: per-tensor activations,
+        per-channel weights), and ONNX Runtime's CPU DequantizeLinear runs both."""
+        return True
 
     def as_json(self) -> dict[str, object]:
         if self.weight_only:
             group = f"a scale per {self.group_size} rows of K and output channel" if self.weight_bits == 4 \
                 else "a scale per output channel"
+            kind = "uint4 asymmetric (a zero point per block)" if self.asymmetric else \
+                f"int{self.weight_bits} symmetric"
             return {"precision": self.precision, "target": self.target.name, "keep": list(self.keep),
                     "group_size": self.group_size if self.weight_bits == 4 else None, "awq": self.awq,
-                    "form": self.form, "weights": f"int{self.weight_bits} symmetric, {group}",
+                    "form": self.form, "weights": f"{kind}, {group}", "zero_points": self.asymmetric,
                     "nbits_accuracy_level": self.nbits_accuracy if self.form == "nbits" else None,
                     "activations": "float (weight-only)"}
         return {"precision": self.precision, "target": self.target.name, "method": self.method,
@@ -95,20 +112,21 @@ class Recipe:
                 "keep": list(self.keep), "smoothquant_alpha": self.smoothquant, "max_noise": self.max_noise,
                 "weights": f"{'per-channel' if self.per_channel_weights else 'per-tensor'} symmetric, "
                            f"|q| <= {self.weight_levels:g}",
+                "weight_scales_accepted_by": PER_CHANNEL_ACCEPTED_BY[self.precision],
                 "activations": f"per-tensor symmetric, |q| <= {self.activation_levels:g}, zero point 0"}
 
 
 def make_recipe(precision: str, target_name: str, method: str | None = None, keep: tuple[str, ...] = DEFAULT_KEEP,
                 smoothquant: float | None = DEFAULT_SMOOTHQUANT, percentile: float = DEFAULT_PERCENTILE,
                 max_noise: float = DEFAULT_MAX_NOISE, group_size: int = DEFAULT_GROUP_SIZE,
-                nbits_accuracy: int = DEFAULT_NBITS_ACCURACY) -> Recipe:
+                nbits_accuracy: int | None = None, asymmetric: bool | None = None) -> Recipe:
     if precision not in PRECISIONS:
         raise SaisaError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     precision = SPELLINGS.get(precision, precision)
     t = target(target_name)
     check_precision(t, precision)
     if precision in WEIGHT_BITS:
-        return _weight_only(precision, t, keep, group_size, nbits_accuracy)
+        return _weight_only(precision, t, keep, group_size, nbits_accuracy, asymmetric)
     method = method or DEFAULT_METHOD[precision]
     if method not in METHODS:
         raise SaisaError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -128,14 +146,26 @@ def make_recipe(precision: str, target_name: str, method: str | None = None, kee
                   smoothquant if precision == "int8" else None, percentile, max_noise)
 
 
-def _weight_only(precision: str, t: Target, keep: tuple[str, ...], group_size: int, nbits_accuracy: int) -> Recipe:
+def _weight_only(precision: str, t: Target, keep: tuple[str, ...], group_size: int, nbits_accuracy: int | None,
+                 asymmetric: bool | None) -> Recipe:
     for k in keep:
         if k not in KEEPABLE:
             raise SaisaError(f"--keep {k!r}: choose from {', '.join(KEEPABLE)}")
-    if WEIGHT_BITS[precision] == 4 and (group_size < 16 or group_size & (group_size - 1)):
+    int4, tensorrt = WEIGHT_BITS[precision] == 4, t.compute_capability is not None
+    if int4 and (group_size < 16 or group_size & (group_size - 1)):
         raise SaisaError(f"--group-size {group_size}: must be a power of two, at least 16 (ONNX Runtime's "
                          "MatMulNBits and TensorRT's INT4 blocks); 128 is the usual choice")
-    if nbits_accuracy not in NBITS_ACCURACY:
-        raise SaisaError(f"--nbits-accuracy {nbits_accuracy}: choose 0 (float compute) or 4 (int8 activations)")
+    if int4 and tensorrt and group_size not in TENSORRT_INT4_BLOCKS:
+        raise SaisaError(f"--group-size {group_size}: TensorRT's INT4 blocks are {' or '.join(map(str, TENSORRT_INT4_BLOCKS))}"
+                         f" (--target {t.name}); smaller groups run on --target cpu")
+    if asymmetric and not int4:
+        raise SaisaError(f"--zero-point: {precision} is symmetric per output channel; zero points are for int4")
+    if asymmetric and tensorrt:
+        raise SaisaError(f"--zero-point: TensorRT's INT4 DequantizeLinear is symmetric (--target {t.name}); "
+                         "drop the flag (zero points run on --target cpu)")
+    level = DEFAULT_NBITS_ACCURACY[precision] if nbits_accuracy is None else nbits_accuracy
+    if level not in NBITS_ACCURACY:
+        raise SaisaError(f"--nbits-accuracy {level}: choose 0-3 (float compute) or 4 (int8 activations)")
+    zero_point = (DEFAULT_ASYMMETRIC and int4 and not tensorrt) if asymmetric is None else asymmetric
     return Recipe(precision, t, "max", tuple(sorted(set(keep))), None, group_size=group_size,
-                  nbits_accuracy=nbits_accuracy)
+                  nbits_accuracy=level, asymmetric=zero_point)

@@ -16,7 +16,7 @@ from saisa_edge.artifacts import ENGINE_KIND, Artifact
 from saisa_edge.artifacts.folders import check_output
 from saisa_edge.artifacts import names as io
 from saisa_edge.errors import SaisaError
-from saisa_edge.targets import Target, by_compute_capability, check_precision, target as named_target
+from saisa_edge.targets import TENSORRT_INT4_BLOCKS, Target, by_compute_capability, check_precision, target as named_target
 
 ATTENTION_MODES = ("auto", "plugin", "native", "decomposed")
 PYTHON_AOT_PLUGINS = (10, 9)  # tensorrt.plugin with ahead-of-time implementations
@@ -145,10 +145,13 @@ def check_fits(art: Artifact, options: BuildOptions, weights_bytes: int, max_con
 
 def check_precision_for(art: Artifact, target: Target) -> None:
     check_precision(target, art.precision)
-    quantized_for = art.details.get("quantization", {}).get("recipe", {}).get("target")
-    if quantized_for == "cpu" and target.compute_capability is not None:
+    recipe = art.details.get("quantization", {}).get("recipe", {})
+    if recipe.get("target") == "cpu" and target.compute_capability is not None:
         raise SaisaError(f"{art.path}: calibrated for --target cpu (7-bit int8 or MatMulNBits: ONNX Runtime forms); "
                          f"calibrate again with --target {target.name}")
+    if recipe.get("group_size") not in (None, *TENSORRT_INT4_BLOCKS):
+        raise SaisaError(f"{art.path}: int4 in groups of {recipe['group_size']}; TensorRT's INT4 blocks are "
+                         f"{' or '.join(map(str, TENSORRT_INT4_BLOCKS))}: calibrate again with --group-size 128")
 
 
 def gpu_and_tensorrt() -> tuple[Any, tuple[int, int]]:

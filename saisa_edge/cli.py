@@ -384,9 +384,12 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
               help="Greedy decode steps calibrated after each prefill.")
 @click.option("--group-size", type=int, default=recipes.DEFAULT_GROUP_SIZE, show_default=True,
               help="int4_awq/int4_rtn: rows of K sharing a scale (a power of two, at least 16).")
-@click.option("--nbits-accuracy", type=click.Choice(["0", "4"]), default=str(recipes.DEFAULT_NBITS_ACCURACY),
-              show_default=True, help="Weight-only on --target cpu: MatMulNBits computing in float (0) or with "
-                                      "int8 activations (4: ONNX Runtime's fast x86 kernels).")
+@click.option("--nbits-accuracy", type=click.Choice([str(v) for v in recipes.NBITS_ACCURACY]), default=None,
+              help="Weight-only on --target cpu: MatMulNBits computing in float (0-3) or with int8 activations "
+                   "(4: ONNX Runtime's fast x86 kernels). Default per format, as measured on smol "
+                   f"({', '.join(f'{k} {v}' for k, v in recipes.DEFAULT_NBITS_ACCURACY.items())}).")
+@click.option("--zero-point/--symmetric", "zero_point", default=None,
+              help="int4: a zero point per block (uint4; default on --target cpu) or symmetric (TensorRT targets).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="fp32 checkpoint for the accuracy report (default: the one the artifact came from).")
 @click.option("--report-samples", type=click.IntRange(min=0), default=6, show_default=True,
@@ -395,7 +398,7 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @click.option("--force", is_flag=True, help="Replace an earlier calibrate output.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
               samples: int, method: str | None, percentile: float, keep: str, smoothquant: float, max_noise: float,
-              decode_steps: int, group_size: int, nbits_accuracy: str,
+              decode_steps: int, group_size: int, nbits_accuracy: str | None, zero_point: bool | None,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
               min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
     """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then
@@ -409,7 +412,8 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     from saisa_edge.progress import say
 
     recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
-                         smoothquant or None, percentile, max_noise, group_size, int(nbits_accuracy))
+                         smoothquant or None, percentile, max_noise, group_size,
+                         None if nbits_accuracy is None else int(nbits_accuracy), zero_point)
     check_output(output, force, kind=ARTIFACT_KIND, inputs=(artifact,))  # before the calibration passes
     source = open_source(artifact)
     cfg = source.config

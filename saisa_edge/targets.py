@@ -31,6 +31,7 @@ class Target:
 
 
 WEIGHT_ONLY = ("int8_wo", "int4_awq", "int4_rtn")  # float activations: any target with float GEMMs
+TENSORRT_INT4_BLOCKS = (64, 128)  # the block sizes TensorRT's INT4 DequantizeLinear takes (symmetric only)
 _AMPERE = ("fp32", "fp16", "bf16", "int8", *WEIGHT_ONLY)
 _ADA_HOPPER = (*_AMPERE, "fp8")
 TARGETS: dict[str, Target] = {t.name: t for t in (

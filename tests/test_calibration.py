@@ -215,7 +215,7 @@ def test_qdq_pattern_is_what_tensorrt_fuses(calibrated):
         weight_dqs = [n for n in dqs if n.input[0].endswith(".weight.quantized")]
         for n in weight_dqs:
             axis = [a.i for a in n.attribute if a.name == "axis"]
-            assert axis == ([1] if precision == "int8" else [])  # per output channel / per tensor
+            assert axis == [1]  # per output channel, INT8 and FP8 alike
             assert init[n.input[0]].data_type == elem
 
 

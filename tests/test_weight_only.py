@@ -20,7 +20,7 @@ from saisa_edge.backends.pytorch import TorchBackend
 from saisa_edge.calibration import awq, weight_only
 from saisa_edge.calibration.calibrate import calibrate
 from saisa_edge.calibration.data import pairs
-from saisa_edge.calibration.recipe import make_recipe
+from saisa_edge.calibration.recipe import DEFAULT_NBITS_ACCURACY, make_recipe
 from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.cli import main
 from saisa_edge.errors import SaisaError
@@ -53,16 +53,48 @@ def test_round_to_nearest_is_within_half_a_step(bits, block, k):
     assert np.abs(q.codes).max() == 2 ** (bits - 1) - 1
 
 
+@pytest.mark.parametrize("block, k", [(128, 576), (32, 96), (128, 48), (16, 40)])
+def test_asymmetric_rounding_is_within_half_a_step_and_spans_each_block(block, k):
+    w = _weight(k, 24) + 0.3  # off-centre blocks: where a zero point pays
+    q = weight_only.quantize(w, 4, block, asymmetric=True)
+    assert q.codes.dtype == np.uint8 and q.codes.max() <= 15 and q.zeros is not None and q.zeros.max() <= 15
+    step = np.repeat(q.scales, block, axis=0)[:k]
+    assert np.all(np.abs(w - q.dequantize()) <= step / 2 + 1e-6)
+    sym = weight_only.quantize(w, 4, block)
+    assert np.abs(w - q.dequantize()).mean() < np.abs(w - sym.dequantize()).mean()
+
+
+def test_asymmetric_g32_on_an_affine_4bit_source():
+    """smol's weights are GGUF Q4_1 (d * q + m, q in 0..15, blocks of 32). An asymmetric g32
+    grid takes the source's step d; it reproduces the source exactly where m is a whole
+    number of steps, and otherwise sits off it by the fraction of m / d (an integer zero
+    point cannot shift the grid by part of a step): at most d / 2 everywhere."""
+    rng = np.random.default_rng(3)
+    d = rng.uniform(0.01, 0.02, (4, 8))
+    q = rng.integers(0, 16, (4, 32, 8))
+    q[:, 0], q[:, 1] = 0, 15  # every block spans the full grid, as Q4_1's do
+    for m in (-np.round(rng.uniform(3, 12, (4, 8))) * d, -rng.uniform(3, 12, (4, 8)) * d):  # blocks straddle 0
+        w = (d[:, None] * q + m[:, None]).reshape(128, 8).astype(np.float32)
+        asym = weight_only.quantize(w, 4, 32, asymmetric=True)
+        np.testing.assert_allclose(asym.scales, d, rtol=1e-5)  # the source's own step
+        err = np.abs(w - asym.dequantize())
+        offset = np.abs(m / d - np.round(m / d)) * d  # how far the source's grid sits from one through 0
+        np.testing.assert_allclose(err.reshape(4, 32, 8).max(axis=1), offset, atol=1e-5)
+        assert np.all(offset <= d / 2 + 1e-7)
+
+
 def _forms(q: weight_only.WeightQuant) -> tuple[np.ndarray, np.ndarray]:
     tensors, node = weight_only.dq_tensors(q, "w", np.float32)
     packed, scales, _ = weight_only.nbits_arrays(q)
-    return weight_only.decode_dq(*tensors, node), weight_only.decode_nbits(packed, scales, q.codes.shape[0], q.bits)
+    return weight_only.decode_dq(*tensors[:2], node, *tensors[2:]), weight_only.decode_nbits(packed, scales, q.codes.shape[0], q.bits,
+                                                                           weight_only.nbits_zero_points(q))
 
 
-@pytest.mark.parametrize("bits, block, k", [(4, 128, 576), (4, 64, 192), (4, 128, 48), (8, 576, 576),
-                                            (8, 48, 48), (8, 100, 100)])
-def test_both_forms_decode_to_the_same_weights(bits, block, k):
-    q = weight_only.quantize(_weight(k, 10, seed=k), bits, block)
+@pytest.mark.parametrize("bits, block, k, asymmetric", [
+    (4, 128, 576, False), (4, 64, 192, False), (4, 128, 48, False), (8, 576, 576, False), (8, 48, 48, False),
+    (8, 100, 100, False), (4, 128, 576, True), (4, 32, 96, True), (4, 128, 48, True), (4, 16, 80, True)])
+def test_both_forms_decode_to_the_same_weights(bits, block, k, asymmetric):
+    q = weight_only.quantize(_weight(k, 10, seed=k) + 0.01, bits, block, asymmetric=asymmetric)
     dq, nbits = _forms(q)
     np.testing.assert_array_equal(dq, q.dequantize())
     np.testing.assert_array_equal(nbits, q.dequantize())
@@ -89,9 +121,10 @@ def _matmul_model(q: weight_only.WeightQuant, form: str) -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.parametrize("bits, block, k", [(4, 128, 576), (4, 32, 64), (8, 576, 576), (8, 48, 48)])
-def test_onnx_runtime_runs_both_forms_as_the_dequantized_float_graph(bits, block, k):
-    q = weight_only.quantize(_weight(k, 40, seed=1), bits, block)
+@pytest.mark.parametrize("bits, block, k, asymmetric", [(4, 128, 576, False), (4, 32, 64, False), (8, 576, 576, False),
+                                                        (8, 48, 48, False), (4, 128, 576, True), (4, 32, 96, True)])
+def test_onnx_runtime_runs_both_forms_as_the_dequantized_float_graph(bits, block, k, asymmetric):
+    q = weight_only.quantize(_weight(k, 40, seed=1) + 0.01, bits, block, asymmetric=asymmetric)
     x = np.random.default_rng(2).standard_normal((2, 3, k)).astype(np.float32)
     out = {}
     options = ort.SessionOptions()  # ORT fuses DQ -> MatMul into MatMulNBits at accuracy level 4 (int8
@@ -113,6 +146,18 @@ def test_nbits_layout_is_what_the_spec_says():
     packed, scales, block = weight_only.nbits_arrays(q)
     assert packed.shape == (2, 1, 16) and block == 32 and scales.shape == (2, 1)
     assert packed[1, 0, 0] == 0xF0 and packed[0, 0, 0] == 0x88  # zeros sit at the default zero point 8
+    assert weight_only.nbits_zero_points(q) is None
+    per_channel = weight_only.quantize(_weight(576, 4), 8, 576)  # int8 in blocks of 16: level 4's activation blocks
+    assert weight_only.nbits_block(per_channel) == 16 and weight_only.nbits_arrays(per_channel)[0].shape == (4, 36, 16)
+
+
+def test_nbits_zero_points_pack_two_blocks_a_byte():
+    """Spec: zero_points [N, ceil(k_blocks * bits / 8)], block 0 in the low nibble."""
+    codes = np.zeros((48, 1), np.uint8)
+    zeros = np.array([[3], [12], [5]], np.uint8)  # three blocks of 16 along K
+    q = weight_only.WeightQuant(codes, np.ones((3, 1), np.float32), 4, 16, zeros)
+    packed = weight_only.nbits_zero_points(q)
+    assert packed is not None and packed.shape == (1, 2) and packed[0, 0] == 0xC3 and packed[0, 1] == 0x05
 
 
 # --- AWQ ------------------------------------------------------------------------------------------
@@ -172,9 +217,20 @@ def test_weight_only_recipes():
     with pytest.raises(SaisaError, match="--group-size 96: must be a power of two"):
         make_recipe("int4_awq", "cpu", group_size=96)
     assert make_recipe("int4_rtn", "cpu").as_json()["nbits_accuracy_level"] == 4
+    assert make_recipe("int8_wo", "cpu", nbits_accuracy=0).as_json()["nbits_accuracy_level"] == 0
     assert make_recipe("int4_rtn", "h100").as_json()["nbits_accuracy_level"] is None
-    with pytest.raises(SaisaError, match="--nbits-accuracy 2"):
-        make_recipe("int8_wo", "cpu", nbits_accuracy=2)
+    with pytest.raises(SaisaError, match="--nbits-accuracy 5"):
+        make_recipe("int8_wo", "cpu", nbits_accuracy=5)
+    # zero points: the cpu default for int4; TensorRT's INT4 is symmetric in blocks of 64 or 128
+    assert make_recipe("int4_awq", "cpu").asymmetric and not make_recipe("int4_awq", "orin-agx").asymmetric
+    assert not make_recipe("int4_awq", "cpu", asymmetric=False).asymmetric
+    assert make_recipe("int4_rtn", "cpu").as_json()["weights"].startswith("uint4 asymmetric")
+    with pytest.raises(SaisaError, match="--zero-point: TensorRT's INT4 DequantizeLinear is symmetric"):
+        make_recipe("int4_awq", "orin-nx", asymmetric=True)
+    with pytest.raises(SaisaError, match="--zero-point: int8_wo is symmetric"):
+        make_recipe("int8_wo", "cpu", asymmetric=True)
+    with pytest.raises(SaisaError, match="--group-size 32: TensorRT's INT4 blocks are 64 or 128"):
+        make_recipe("int4_rtn", "h100", group_size=32)
 
 
 # --- calibrated tiny artifacts ------------------------------------------------------------------
@@ -186,10 +242,13 @@ def quantized(tmp_path_factory, float_artifact):
     data = pairs(open_artifact(float_artifact).config.vision, 4)
     out = {}
     for precision in ("int4_awq", "int4_rtn", "int8_wo"):
-        for tgt in ("cpu", "orin-agx"):
+        for tgt in ("cpu", "orin-agx"):  # symmetric on both: TensorRT's form takes no zero points
             out[precision, tgt] = root / f"{precision}-{tgt}"
-            calibrate(float_artifact, out[precision, tgt], make_recipe(precision, tgt, keep=(), group_size=32),
-                      data, decode_steps=1)
+            calibrate(float_artifact, out[precision, tgt],
+                      make_recipe(precision, tgt, keep=(), group_size=64, asymmetric=False), data, decode_steps=1)
+    out["int4_awq", "cpu-zero-point"] = root / "int4_awq-cpu-zp"  # the cpu default: uint4 with zero points
+    calibrate(float_artifact, out["int4_awq", "cpu-zero-point"], make_recipe("int4_awq", "cpu", keep=(), group_size=32),
+              data, decode_steps=1)
     return out
 
 
@@ -222,11 +281,12 @@ def test_graph_forms_per_target(quantized):
         ops = [n.op_type for n in model.graph.node]
         assert "QuantizeLinear" not in ops  # weight-only: activations stay float
         opset = next(o.version for o in model.opset_import if o.domain == "")
-        if tgt == "cpu":
-            assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
-            levels = {helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
-                      for a in n.attribute if a.name == "accuracy_level"}
-            assert levels == {4}  # the recipe's default: ONNX Runtime's fast x86 kernels
+        if tgt.startswith("cpu"):
+            nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+            assert nbits and "DequantizeLinear" not in ops
+            levels = {helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+            assert levels == {DEFAULT_NBITS_ACCURACY[precision]}  # per format: the level holding its mark
+            assert {len(n.input) for n in nbits} == {4 if tgt == "cpu-zero-point" else 3}  # zero points or none
         else:
             dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
             assert dqs and "MatMulNBits" not in ops
@@ -234,7 +294,7 @@ def test_graph_forms_per_target(quantized):
             assert bool(blocked) == precision.startswith("int4") and opset == (21 if blocked else 19)
         details = json.loads((folder / MANIFEST_NAME).read_text())["details"]
         q = details["quantization"]
-        assert q["recipe"]["form"] == ("nbits" if tgt == "cpu" else "dq") and q["runs_on"]
+        assert q["recipe"]["form"] == ("nbits" if tgt.startswith("cpu") else "dq") and q["runs_on"]
         assert bool(q["awq_alpha"]) == (precision == "int4_awq")
         assert details["graphs"]["decoder"]["quantized_linears"] > 0
 
@@ -247,11 +307,13 @@ def _decoded_weights(folder) -> dict[str, np.ndarray]:
     for n in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         if n.op_type == "DequantizeLinear" and n.input[0].endswith(".quantized"):
-            out[n.input[0].removesuffix(".quantized")] = weight_only.decode_dq(init[n.input[0]], init[n.input[1]], n)
+            out[n.input[0].removesuffix(".quantized")] = weight_only.decode_dq(
+                *(init[i] for i in n.input[:2]), n, init[n.input[2]] if len(n.input) > 2 else None)
         elif n.op_type == "MatMulNBits":
+            zeros = numpy_helper.to_array(init[n.input[3]]) if len(n.input) > 3 else None
             out[n.input[1].removesuffix(".nbits")] = weight_only.decode_nbits(
                 numpy_helper.to_array(init[n.input[1]]), numpy_helper.to_array(init[n.input[2]]), attrs["K"],
-                attrs["bits"])
+                attrs["bits"], zeros)
     return out
 
 
@@ -264,7 +326,11 @@ def test_one_quantization_gives_both_forms(quantized, precision):
 
 
 def test_tensorrt_builds_accept_the_dq_form_only(quantized):
-    check_precision_for(open_artifact(quantized["int4_awq", "orin-agx"]), target("orin-nano"))
+    art = open_artifact(quantized["int4_awq", "orin-agx"])
+    check_precision_for(art, target("orin-nano"))
+    art.details["quantization"]["recipe"]["group_size"] = 32  # as calibrations before the refusal wrote
+    with pytest.raises(SaisaError, match="int4 in groups of 32; TensorRT's INT4 blocks are 64 or 128"):
+        check_precision_for(art, target("orin-nano"))
     with pytest.raises(SaisaError, match="MatMulNBits: ONNX Runtime forms.*calibrate again with --target orin-agx"):
         check_precision_for(open_artifact(quantized["int4_awq", "cpu"]), target("orin-agx"))
 

@@ -45,6 +45,10 @@ class OrtBackend:
         options.log_severity_level = 3
         if artifact.precision == "fp8":
             options.add_session_config_entry("session.disable_quant_qdq", "1")  # CPU kernels lack fused FP8 Q/DQ
+        if (artifact.details.get("quantization") or {}).get("recipe", {}).get("form") == "dq":
+            # ORT fuses a blocked DequantizeLinear + MatMul into MatMulNBits at accuracy level 4 (int8
+            # activations) by default; a TensorRT-form artifact keeps float activations, as TensorRT computes
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         paths = {name: (graphs or {}).get(name, artifact.graph(name)) for name in io.GRAPHS}
         try:
             self.sessions = {
