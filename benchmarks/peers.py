@@ -166,18 +166,20 @@ class LlamaCppSystem:
     system = LLAMA_CPP
 
     def __init__(self, label: str, gguf: Path, eos: set[int], context: int):
-        from llama_cpp import Llama
+        import llama_cpp
 
         self.label, self.precision, self.source, self.eos = label, label, str(gguf), eos
-        self.llm = Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_threads=THREADS,
-                         n_threads_batch=THREADS, verbose=False)
+        self._cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_threads=THREADS,
+                                   n_threads_batch=THREADS, verbose=False)
 
     def _steps(self, ids: list[int]) -> Iterator[int]:
-        llm = self.llm
+        llm, vocab = self.llm, self.llm.n_vocab()
         llm.reset()  # no reuse of the previous round's prompt K/V
         llm.eval(ids)
-        while True:
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        while True:  # eval keeps the last position's logits in llama.cpp's buffer only
+            logits = np.ctypeslib.as_array(self._cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            token = int(np.argmax(logits))
             yield token
             llm.eval([token])
 
