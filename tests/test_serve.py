@@ -302,9 +302,11 @@ def test_full_queue_is_429_with_retry_after(model, gate):
         scheduler = app.state.scheduler
         gate.open.clear()
         with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(client.chat.completions.create, model=MODEL, messages=_ask("Hi", None), max_tokens=3)
+            running = pool.submit(client.chat.completions.create, model=MODEL, messages=_ask("Hi", None), max_tokens=3,
+                                  temperature=0)  # greedy: OpenAI's default of 1 may sample an early end
             _wait(lambda: scheduler.running == 1)
-            queued = pool.submit(client.chat.completions.create, model=MODEL, messages=_ask("Hey", None), max_tokens=3)
+            queued = pool.submit(client.chat.completions.create, model=MODEL, messages=_ask("Hey", None), max_tokens=3,
+                                 temperature=0)
             _wait(lambda: len(scheduler.queue) == 1)
             err = _refused(lambda: client.chat.completions.create(model=MODEL, messages=_ask("Yo", None)), 429,
                            "queue_full")
@@ -314,7 +316,7 @@ def test_full_queue_is_429_with_retry_after(model, gate):
             assert running.result().usage.completion_tokens == 3 and queued.result().usage.completion_tokens == 3
     with serving(_session(model), max_batch=1, max_queue=0) as (url, _):  # no queue: a free row still takes one
         assert _client(url).chat.completions.create(model=MODEL, messages=_ask("Hi", None),
-                                                    max_tokens=2).usage.completion_tokens == 2
+                                                    max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
 def test_timeout_is_503_with_retry_after(model, gate):
