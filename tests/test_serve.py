@@ -40,10 +40,12 @@ from tests.test_torch_free import _WRAPPER, BLOCKED
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory, tiny_dir) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "tiny-art"
-    export_artifact(open_checkpoint(tiny_dir), out, ExportOptions())
+@pytest.fixture(scope="module", params=["standard", "contrib"])
+def artifact(request, tmp_path_factory, tiny_dir) -> Path:
+    """Both decoder forms: the batcher's joining and leaving rows must hold on the contrib form's
+    one in-place K/V buffer as on the standard form's cache arrays."""
+    out = tmp_path_factory.mktemp(f"serve-{request.param}") / "tiny-art"
+    export_artifact(open_checkpoint(tiny_dir), out, ExportOptions(decoder_form=request.param))
     return out
 
 
