@@ -116,3 +116,25 @@ def test_each_image_stays_on_one_replica_and_answers_equal_one_server(artifact, 
     assert "saisa-edge chat" in httpx.get(ray_url, timeout=60).text
     r = httpx.post(f"{ray_url}/v1/chat/completions", content=b"{not json", timeout=60)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_serve_command_on_ray_runs_the_application(monkeypatch, artifact):
+    """`serve --ray --replicas N` deploys `application` with N replicas on a local Ray (stubbed
+    here; the slow test above runs the real one), and --replicas 0 is a one-line refusal."""
+    import contextlib
+
+    from click.testing import CliRunner
+
+    import saisa_edge.serve.ray_app as ray_app
+    from saisa_edge.cli import main
+
+    made, ran = [], []
+    monkeypatch.setattr(ray_app, "local_ray", lambda host, port: contextlib.nullcontext(f"http://{host}:{port}"))
+    monkeypatch.setattr(ray_app, "application", lambda opener, options, replicas: made.append((options, replicas))
+                        or "app")
+    monkeypatch.setattr(serve, "run", lambda app, blocking: ran.append((app, blocking)))
+    r = CliRunner().invoke(main, ["serve", str(artifact), "--ray", "--replicas", "3", "--max-batch", "4"])
+    assert r.exit_code == 0, r.output
+    assert ran == [("app", True)] and made[0][1] == 3 and made[0][0].max_batch == 4
+    r = CliRunner().invoke(main, ["serve", str(artifact), "--ray", "--replicas", "0"])
+    assert r.exit_code == 2 and "--replicas" in r.output and "Traceback" not in r.output
