@@ -35,6 +35,10 @@ non-square image is first resized (bicubic) to fit, then padded, which keeps a 1
 image from becoming a 100000**2 canvas."""
 
 
+class ImageTooLarge(SaisaError):
+    """Over the pixel bound (a server answers 413, not 400)."""
+
+
 def load_image(path: Path | bytes, flag: str = "--image") -> Image.Image:
     """Decode an image file, or an encoded image's bytes (a server's upload), as 8-bit RGB
     (the first frame of an animation).
@@ -56,7 +60,7 @@ def load_image(path: Path | bytes, flag: str = "--image") -> Image.Image:
     except IsADirectoryError:
         raise SaisaError(f"{where}: is a folder, not an image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise SaisaError(f"{where}: the image is over {MAX_IMAGE_PIXELS} pixels; "
+        raise ImageTooLarge(f"{where}: the image is over {MAX_IMAGE_PIXELS} pixels; "
                          "downscale it first") from None
     except SaisaError:
         raise
@@ -71,7 +75,7 @@ def check_image_size(size: tuple[int, int], where: str) -> None:
     """The one bound on decoding, applied to the declared size before any pixel is decoded."""
     w, h = size
     if w < 1 or h < 1 or w * h > MAX_IMAGE_PIXELS:
-        raise SaisaError(f"{where}: the image is {w} x {h} pixels, over the bound of {MAX_IMAGE_PIXELS} "
+        raise (ImageTooLarge if w * h > MAX_IMAGE_PIXELS else SaisaError)(f"{where}: the image is {w} x {h} pixels, over the bound of {MAX_IMAGE_PIXELS} "
                          f"({MAX_IMAGE_PIXELS >> 20} megapixels); downscale it first")
 
 

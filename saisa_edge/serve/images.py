@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from saisa_edge.errors import SaisaError
-from saisa_edge.inputs.image import MAX_IMAGE_PIXELS, load_image
+from saisa_edge.inputs.image import ImageTooLarge, load_image
 from saisa_edge.serve.protocol import ApiError, ImagePart
 
 FORMATS = {"PNG", "JPEG", "WEBP"}
@@ -58,19 +58,14 @@ def _local_file(url: str, max_bytes: int, root: Path | None) -> bytes:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> RGB, the declared size checked first (413 over the bound)."""
+    """Encoded bytes -> RGB through `load_image`, whose pixel bound (checked on the declared size
+    before decoding) is a 413 here."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            size, fmt = img.size, img.format
-    except Image.DecompressionBombError:
-        size, fmt = (MAX_IMAGE_PIXELS + 1, 1), None
-    except Exception:  # not an image at all: load_image says why, in one line
-        size, fmt = (1, 1), None
-    w, h = size
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ApiError(413, f"image_url: the image is {w} x {h} pixels, over the bound of {MAX_IMAGE_PIXELS} "
-                            f"({MAX_IMAGE_PIXELS >> 20} megapixels); downscale it first", "image_too_large")
-    decoded = load_image(data, "image_url")
+        decoded = load_image(data, "image_url")
+    except ImageTooLarge as e:
+        raise ApiError(413, str(e), "image_too_large") from None
+    with Image.open(io.BytesIO(data)) as img:  # decoded above, so it opens
+        fmt = img.format
     if fmt not in FORMATS:
         raise SaisaError(f"image_url: a {fmt} image; send PNG, JPEG or WebP")
     return decoded
