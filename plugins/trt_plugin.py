@@ -10,14 +10,17 @@ No `from __future__ import annotations` here: `tensorrt.plugin` checks the annot
 with `issubclass`, which needs the classes, not their names as strings. Attributes are
 annotated as arrays because that is how TensorRT hands them over (the ONNX parser passes
 an INT or FLOAT attribute as a one-element int32 or float32 field, and numpy 2.4 refuses
-`int()` of a one-element array); the functions read element 0.
+`int()` of a one-element array); the functions read element 0. The array types are
+spelled on `np.ndarray` itself, not as `npt.NDArray[...]`: from numpy 2.5 (Python 3.12+)
+`NDArray` is a `type` alias, whose subscript is no class to that `issubclass` (seen on a
+GPU machine, 2026-11-26).
 """
 
+from typing import Any
+
 import numpy as np
-import numpy.typing as npt
 import tensorrt as trt
 import tensorrt.plugin as trtp
-
 from saisa_edge.export import naavit
 from saisa_edge.plugins.aot import compile_naavit
 from saisa_edge.plugins.naavit_kernel import BLOCK_M, runtime_args
@@ -25,8 +28,8 @@ from saisa_edge.plugins.naavit_kernel import BLOCK_M, runtime_args
 PLUGIN_ID = f"{naavit.DOMAIN}::{naavit.OP_TYPE}"
 _DTYPES = {trt.DataType.FLOAT: "fp32", trt.DataType.HALF: "fp16", trt.DataType.BF16: "bf16"}
 _build_sm: list[int] = []  # compute capability the engine is built for, set by `configure`
-Ints = npt.NDArray[np.int32]
-Floats = npt.NDArray[np.float32]
+Ints = np.ndarray[tuple[Any, ...], np.dtype[np.int32]]
+Floats = np.ndarray[tuple[Any, ...], np.dtype[np.float32]]
 
 
 def configure(sm: int) -> None:

@@ -5,7 +5,9 @@
 #  1. the NAAViT Triton kernel against its PyTorch reference on the device (fp32/fp16/bf16),
 #     and its timing against PyTorch's scaled_dot_product_attention; then the plugin's AOT
 #     PTX for this GPU, loaded by the driver and launched with TensorRT's argument layout;
-#  2. the GPU-marked tests, and the plugin tests that run NVIDIA's tensorrt.plugin code;
+#  2. the PyTorch reference in fp16 and bf16 on the GPU against fp32 on the CPU
+#     (scripts/gpu_numerics.py), the GPU-marked tests, and the plugin tests that run
+#     NVIDIA's tensorrt.plugin code;
 #  3. where TensorRT is installed: export the tiny preset, build engines in each attention
 #     mode (auto, plugin, decomposed, native), run and validate them against PyTorch. This
 #     is what exercises the TensorRT behaviours the CPU tests can only assume: the parser
@@ -34,6 +36,7 @@ check "kernel vs reference, and timing" \
   $PY -m saisa_edge.plugins.selfcheck --device cuda --dtypes fp32,fp16,bf16 --timing
 check "AOT PTX through the CUDA driver, TensorRT's argument layout" \
   $PY -m saisa_edge.plugins.selfcheck --device cuda --ptx --dtypes fp32,fp16,bf16
+check "PyTorch reference in fp16/bf16 on the GPU vs fp32 on the CPU" $PY scripts/gpu_numerics.py
 check "gpu tests" $PY -m pytest -q -m gpu
 check "plugin tests (NVIDIA's tensorrt.plugin, AOT PTX, launch replay)" \
   $PY -m pytest -q tests/test_plugins.py tests/test_trt_plugin_qdp.py

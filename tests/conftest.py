@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,9 +13,21 @@ from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.checkpoint.presets import tiny, write_checkpoint
 from saisa_edge.inputs.image import DEMO_IMAGE  # noqa: F401  (re-exported for the tests)
 
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Test modules of the optional extras, and what each imports from them. Where one is not
+# installed (a GPU box with the core package only) the module is not collected; CI installs
+# every extra, so there a missing one fails the collection instead of hiding the tests.
+EXTRA_MODULES = {
+    "test_routing.py": ("fastapi",),
+    "test_serve.py": ("fastapi", "uvicorn", "openai"),
+    "test_serve_page.py": ("fastapi", "uvicorn", "openai", "selenium"),
+    "test_serve_ray.py": ("fastapi", "uvicorn", "openai", "ray"),
+}
+collect_ignore = [] if os.environ.get("CI") else [
+    name for name, needs in EXTRA_MODULES.items() if any(importlib.util.find_spec(m) is None for m in needs)
+]
 
 
 def pytest_collection_modifyitems(config, items):

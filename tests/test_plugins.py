@@ -28,15 +28,31 @@ from saisa_edge.targets import TARGETS, by_compute_capability
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def selfcheck_interpreted(*args: str) -> tuple[int, dict]:
+    """`selfcheck --device cpu ARGS` where Triton interprets: its exit status and report.
+
+    Skips on one known fault of Triton itself: its interpreter up to 3.6 `int()`s the
+    one-element array a scalar argument becomes, which numpy 2.5 refuses (later Triton
+    squeezes it first); seen on a GPU machine, 2026-11-26."""
+    done = subprocess.run([sys.executable, "-m", "saisa_edge.plugins.selfcheck", "--device", "cpu", *args],
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    if "only 0-dimensional arrays can be converted to Python scalars" in done.stderr:
+        import numpy
+        import triton
+
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot take scalar arguments under "
+                    f"numpy {numpy.__version__}")
+    assert done.returncode in (0, 1) and done.stdout, done.stderr[-3000:]
+    return done.returncode, json.loads(done.stdout)
+
+
 def test_kernel_matches_reference_under_the_interpreter():
     """Every case of `selfcheck` (image/no image, GQA, ragged tails, shared and per-row
     images, padding), fp32 and fp16, in a process where Triton interprets on the CPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "saisa_edge.plugins.selfcheck", "--device", "cpu",
-                           "--dtypes", "fp32,fp16"], env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    report = json.loads(done.stdout)
+    status, report = selfcheck_interpreted("--dtypes", "fp32,fp16")
     failed = [(r["case"], r["dtype"], r["max_abs_error"]) for r in report["cases"] if not r["ok"]]
-    assert done.returncode == 0 and not failed, failed
+    assert status == 0 and not failed, failed
     assert len(report["cases"]) == 14
 
 
@@ -274,5 +290,5 @@ def test_gpu_selftest_runs_every_check_then_fails(tmp_path):
     calls = log.read_text()
     assert "-m pytest -q -m gpu" in calls and "tests/test_trt_plugin_qdp.py" in calls
     assert done.returncode == 1
-    assert "## summary: 3 passed, 1 failed" in done.stdout
+    assert "## summary: 4 passed, 1 failed" in done.stdout
     assert "FAILED: kernel vs reference, and timing (exit 3)" in done.stdout

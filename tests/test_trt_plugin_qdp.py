@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from saisa_edge.export.artifact import ExportOptions, export_artifact
 from saisa_edge.plugins.aot import compile_naavit
 from saisa_edge.plugins.naavit_kernel import BLOCK_M, RUNTIME_ARGS, SHARED_LIMIT
 from saisa_edge.plugins.selfcheck import CASES
+from tests.test_plugins import selfcheck_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 SM = 87
@@ -72,6 +72,20 @@ def _shapes(b: int, h: int, kv: int, t: int, s: int, n: int, d: int, vb: int) ->
 def _types(trt, dtype: str) -> list:
     float_type = {"fp32": trt.DataType.FLOAT, "fp16": trt.DataType.HALF, "bf16": trt.DataType.BF16}[dtype]
     return [float_type] * 5 + [trt.DataType.INT64] * 3
+
+
+def test_attribute_annotations_are_classes_to_issubclass(plugin):
+    """Fault 4 (a GPU machine, Python 3.12, numpy 2.5): `npt.NDArray[np.int32]` there is a
+    subscripted `type` alias, and tensorrt.plugin's `issubclass(annotation, TensorDesc)`
+    raised TypeError on import. Every annotation's origin must be a class: np.ndarray."""
+    import inspect
+    import typing
+
+    for fn in (plugin.naavit_desc, plugin.naavit_aot):
+        for name, param in inspect.signature(fn).parameters.items():
+            origin = typing.get_origin(param.annotation) or param.annotation
+            assert isinstance(origin, type), (fn.__name__, name, param.annotation)
+            issubclass(param.annotation, object)  # what tensorrt.plugin does first, on any Python
 
 
 def test_registration_passes_tensorrt_plugin_validation(trt, plugin):
@@ -142,10 +156,6 @@ def test_tensorrt_launch_replayed_under_the_interpreter(trt, plugin, tmp_path):
             launches.append({"case": c.name, "dtype": dtype, "grid": launch.grid,
                              "extra_args": [v for _, v in launch.extra_args]})
     (tmp_path / "launches.json").write_text(json.dumps(launches))
-    done = subprocess.run([sys.executable, "-m", "saisa_edge.plugins.selfcheck", "--device", "cpu",
-                           "--launches", str(tmp_path / "launches.json")], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode in (0, 1), done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    _, report = selfcheck_interpreted("--launches", str(tmp_path / "launches.json"))
     failed = [(r["case"], r["dtype"], r["max_abs_error"]) for r in report["cases"] if not r["ok"]]
     assert not failed and len(report["cases"]) == 2 * len(CASES)
