@@ -24,6 +24,20 @@ def test_ridge_linear_recovers_an_affine_map():
     assert 0.3 < float(shrunk.norm() / w.norm()) < 0.7
 
 
+def test_ridge_row_weights_count_as_repeated_rows():
+    """A row of weight 3 pulls the fit as three copies of it would: the smol fit weighs the demo
+    image's rows above the other fit images'."""
+    gen = torch.Generator().manual_seed(1)
+    acts = torch.randn(2, 50, 6, generator=gen, dtype=torch.float64)
+    targets = torch.randn(2, 50, 4, generator=gen, dtype=torch.float64)
+    weights = torch.tensor([3.0, 1.0])[:, None].expand(2, 50)
+    w, b = fit.ridge_linear(acts, targets, ridge=0.1, weights=weights)
+    rw, rb = fit.ridge_linear(torch.cat([acts[0]] * 3 + [acts[1]]), torch.cat([targets[0]] * 3 + [targets[1]]), ridge=0.1)
+    torch.testing.assert_close((w, b), (rw, rb))
+    plain, _ = fit.ridge_linear(acts, targets, ridge=0.1)
+    assert float((w - plain).norm()) > 1e-3
+
+
 def test_text_passages_are_windows_closed_by_the_end_tokens():
     assert fit.text_passages([1, 2, 3], 2, 4, [9]).tolist() == [[1, 2, 3, 9], [1, 2, 3, 9]]
     assert fit.text_passages([1, 2, 3, 4, 5], 2, 3, [9]).tolist() == [[1, 2, 9], [3, 4, 9]]

@@ -3,16 +3,19 @@
 No vision weights are reachable, so the projectors cannot carry information about the
 image. Left at random, their outputs are nothing SmolLM2's layers ever see (the text
 after the image then degenerates into loops). Here each layer's last projector linear
-is fitted by ridge least squares so that P_l(F) of the bundled fit images reproduces
-SmolLM2's own layer-l input hidden states of a passage of varied text placed where the
-image goes: an image then reads, at every layer, like that passage. If P_l(F) equalled
-those states exactly, every visual K/V would be the plain model's K/V for the passage
-(tests/test_fit_projectors.py checks this identity). The passage ends in a line break because the
-original's tokenisation drops the first token after `<image>` (the "\\n" of "<image>\\n")
-whenever the prompt starts with the BOS, as SmolLM2's chatml prompt does: without it the
-question runs on from the passage and SmolLM2 continues the passage instead of answering.
-The map is affine in the projector's hidden activations, so different images still give
-different visual K/V.
+is fitted by weighted ridge least squares so that P_l(F) of the bundled fit images
+reproduces SmolLM2's own layer-l input hidden states of one passage of varied text placed
+where the image goes: an image then reads, at every layer, like that passage. If P_l(F)
+equalled those states exactly, every visual K/V would be the plain model's K/V for the
+passage (tests/test_fit_projectors.py checks this identity). One passage for every image,
+not one each: the map cannot send several images' features to several passages (relative
+error 0.5-0.9 per layer), but sending them all towards one passage teaches it the part of
+the features that images share, so images it never saw land near the passage too. The
+passage ends in a line break because the original's tokenisation drops the first token
+after `<image>` (the "\\n" of "<image>\\n") whenever the prompt starts with the BOS, as
+SmolLM2's chatml prompt does: without it the question runs on from the passage and SmolLM2
+continues the passage instead of answering. The map is affine in the projector's hidden
+activations, so different images still give different visual K/V.
 """
 
 from __future__ import annotations
@@ -62,27 +65,36 @@ def layer_inputs(lm: SaisaLM, prefix: list[int], passages: torch.Tensor) -> torc
     return torch.stack([torch.stack(s) for s in states])
 
 
-def ridge_linear(acts: torch.Tensor, targets: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) minimising |acts @ weight.T + bias - targets|^2 + ridge * mean variance * |weight|^2
-    over rows [..., d] -> [..., hidden] (the bias is not penalised)."""
+def ridge_linear(acts: torch.Tensor, targets: torch.Tensor, ridge: float = RIDGE,
+                 weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) minimising sum_r w_r |acts_r @ weight.T + bias - targets_r|^2 + ridge *
+    mean variance * |weight|^2 over rows [..., d] -> [..., hidden] (row weights `weights`
+    [...], all 1 if None; the bias is not penalised)."""
     a = acts.reshape(-1, acts.shape[-1]).double()
     t = targets.reshape(-1, targets.shape[-1]).double()
-    m, mu = a.mean(0), t.mean(0)
+    w = torch.ones(len(a), dtype=a.dtype) if weights is None else weights.reshape(-1).double()
+    w = (w / w.sum())[:, None]
+    m, mu = (w * a).sum(0), (w * t).sum(0)
     a = a - m
-    c = a.T @ a / len(a)
+    c = a.T @ (w * a)
     c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-    weight = torch.linalg.solve(c, a.T @ (t - mu) / len(a)).T
+    weight = torch.linalg.solve(c, a.T @ (w * (t - mu))).T
     return weight.float(), (mu - weight @ m).float()
 
 
 @torch.no_grad()
-def fit_projectors(lm: SaisaLM, features: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def fit_projectors(lm: SaisaLM, features: torch.Tensor, targets: torch.Tensor,
+                   image_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """New `model.layers.{l}.mm_projector.2.{weight,bias}` for features [images, N_v, mm_hidden]
-    and targets [layers, images, N_v, hidden] (`layer_inputs`); the first linear stays as drawn."""
+    and targets [layers, images or 1 (one passage for every image), N_v, hidden]
+    (`layer_inputs`), each image's rows weighted by `image_weights` [images] (all 1 if None);
+    the first linear stays as drawn."""
+    images, n = features.shape[:2]
+    weights = None if image_weights is None else image_weights[:, None].expand(images, n)
     fitted: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(lm.layers):
         first = cast(nn.Linear, cast(nn.Sequential, layer.mm_projector)[0])
-        weight, bias = ridge_linear(F.gelu(first(features.float())), targets[i])
+        weight, bias = ridge_linear(F.gelu(first(features.float())), targets[i].expand(images, -1, -1), weights=weights)
         fitted[f"model.layers.{i}.mm_projector.2.weight"] = weight
         fitted[f"model.layers.{i}.mm_projector.2.bias"] = bias
     return fitted

@@ -48,12 +48,15 @@ USER: Describe the picture in detail. ASSISTANT: There is a small cat sitting on
 What colour is the car? How many people are there? Is it day or night?
 The quick brown fox jumps over the lazy dog. 0123456789 images, tokens, layers, keys, values.
 """
-FIT_IMAGES = [DEMO_IMAGE]
-"""The smol projectors are fitted on the demo image alone: one least-squares map from the random
-tower's features of six calibration images to one passage reproduced none of them closely enough
-(relative error 0.5-0.9 per layer; with the demo image "What is the capital of France?" then got
-"The answer to this question is:"). Other images are not fitted: their states are 1.5-2.5x the
-passage's RMS and not text-like."""
+FIT_IMAGES = [DEMO_IMAGE, *sorted((DEMO_IMAGE.parent / "calibration").glob("*.png"))[:6]]
+"""The images the smol projectors are fitted on, all towards one passage; the validation images
+stay held out. Fitted on the demo image alone, other images came out 1.5-2.5x the passage's
+RMS and not text-like (no held-out image of ten answered "What is the capital of France?",
+half of the answers were not words)."""
+FIT_DEMO_WEIGHT = 30.0
+"""The demo image's rows count this many times each other image's in the fit: the quickstart's
+image stays close to the passage (and answers), while the others pull the map towards what
+all images share."""
 FIT_PROMPTS = DEMO_IMAGE.parent / "calibration" / "prompts.txt"
 
 
@@ -251,21 +254,24 @@ def _fit_smol_projectors(
     prefix = ids[: ids.index(IMAGE_TOKEN_INDEX)]
     prompts = [line for line in FIT_PROMPTS.read_text().splitlines() if line and not line.startswith("#")]
     end = tokenizer.tokenize("\n")  # what the original's tokenisation drops after <image> (see fit_projectors)
-    passages = fit.text_passages(tokenizer.tokenize(" ".join(prompts)), len(images), cfg.num_visual_tokens, end)
-    say(f"fitting the projectors to SmolLM2's hidden states on {len(images)} passages of the calibration prompts")
-    targets = fit.layer_inputs(lm, prefix, passages)
+    passage = fit.text_passages(tokenizer.tokenize(" ".join(prompts)), 1, cfg.num_visual_tokens, end)
+    say(f"fitting the projectors on {len(images)} images to SmolLM2's hidden states of a passage of the calibration prompts")
+    targets = fit.layer_inputs(lm, prefix, passage)
+    weights = torch.tensor([FIT_DEMO_WEIGHT if p == DEMO_IMAGE else 1.0 for p in images])
     details = {
-        "method": "last projector linear per layer fitted by ridge least squares (ridge "
+        "method": "last projector linear per layer fitted by weighted ridge least squares (ridge "
                   f"{fit.RIDGE:g} x mean variance of the projector's GELU activations, bias free) so that P_l(F) "
-                  "of each fit image reproduces SmolLM2's layer-l input hidden states of one passage of the bundled "
-                  "calibration prompts (joined by spaces, repeated, one window per image) closed by a line break "
-                  "and placed in the image's place after the prompt's prefix; the first linear stays as drawn. "
-                  "The image path is untrained: it carries no information about the image.",
+                  "of every fit image reproduces SmolLM2's layer-l input hidden states of one passage of the bundled "
+                  "calibration prompts (joined by spaces, 576 tokens) closed by a line break and placed in the "
+                  f"image's place after the prompt's prefix; the demo image's rows weigh {FIT_DEMO_WEIGHT:g}x the "
+                  "others'; the first linear stays as drawn. The image path is untrained: it carries no "
+                  "information about the image.",
         "fit_images": [f"saisa_edge/{p.relative_to(DEMO_IMAGE.parent.parent).as_posix()}" for p in images],
-        "passages": {"count": len(images), "tokens": cfg.num_visual_tokens, "end": "\n",
-                     "text": f"saisa_edge/assets/calibration/{FIT_PROMPTS.name}", "prefix": text.split(IMAGE_PLACEHOLDER)[0]},
+        "image_weights": weights.tolist(),
+        "passage": {"tokens": cfg.num_visual_tokens, "end": "\n",
+                    "text": f"saisa_edge/assets/calibration/{FIT_PROMPTS.name}", "prefix": text.split(IMAGE_PLACEHOLDER)[0]},
     }
-    return fit.fit_projectors(lm, features, targets), details
+    return fit.fit_projectors(lm, features, targets, weights), details
 
 
 @dataclass(frozen=True)
