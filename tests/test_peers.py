@@ -118,6 +118,7 @@ def test_fed_ids_give_saisa_tokens_and_the_json(tiny_gqa_dir, tmp_path, monkeypa
     art = tmp_path / "art"
     export_artifact(open_checkpoint(tiny_gqa_dir), art, ExportOptions())
     saisa = peers.SaisaSystem("fp32", art)
+    assert set(saisa.session.backend.sessions) == {"decoder"}  # text-only: the image graphs are released
     ids = saisa.prompt_ids()
     ours = saisa.run(ids, 12)
     with pytest.raises(SaisaError, match="other prompt ids"):
