@@ -279,3 +279,63 @@ def test_requests_from_several_threads_share_the_buffer_safely(trio):
     session = Session(contrib, ckpt.tokenizer, VICUNA)
     with ThreadPoolExecutor(3) as pool:
         assert [r.tokens for r in pool.map(session.generate, requests * 2)] == want * 2
+
+
+@pytest.fixture(scope="module")
+def tied_heads(tmp_path_factory):
+    """A tied-embedding checkpoint (SmolLM2's LM head is its embedding) in the contrib form, weight-only
+    calibrated with the head kept in float (the default) and with it quantized (`--keep vision`)."""
+    from saisa_edge.calibration.calibrate import calibrate
+    from saisa_edge.calibration.data import pairs
+    from saisa_edge.calibration.recipe import make_recipe
+
+    root = tmp_path_factory.mktemp("tied")
+    spec = tiny(seed=4, num_attention_heads=6, num_key_value_heads=2, hidden_size=96, tie_word_embeddings=True)
+    ckpt_dir = write_checkpoint(spec, root / "ckpt", dtype="fp32", preset="tiny")
+    export_artifact(open_checkpoint(ckpt_dir), root / "fp32", ExportOptions(decoder_form="contrib", max_context=256))
+    ckpt = load_checkpoint(ckpt_dir)
+    data = pairs(ckpt.config.vision, 1)
+    out = {}
+    for precision in ("int8_wo", "int4_rtn"):
+        for keep in (("lm_head", "vision"), ("vision",)):
+            out[precision, keep] = root / f"{precision}-{len(keep)}"
+            calibrate(root / "fp32", out[precision, keep], make_recipe(precision, "cpu", keep=keep, group_size=16),
+                      data, decode_steps=0)
+    return ckpt, root / "fp32", out
+
+
+def test_weight_only_quantizes_the_tied_lm_head_on_its_own_copy(tied_heads):
+    """Without `lm_head` in --keep the head is a MatMulNBits on its own quantized copy of the tied
+    embedding (the Transpose gone), the embedding's Gather keeps reading the float table, the
+    manifest says so, and the logits stay close to the float head's."""
+    ckpt, fp32, out = tied_heads
+    layers = ckpt.config.text.num_hidden_layers
+    ids, pos = np.array([[3, 8, 2, 6, 1, 4, 7, 9, 5, 11]]), np.arange(10)[None]
+
+    def logits(folder):
+        backend = OrtBackend(open_artifact(folder))
+        return backend.forward(ids, pos, TextCache.empty(ckpt.config.text, 1, "fp32"), None)[0][0]
+
+    want = logits(fp32)
+    for precision in ("int8_wo", "int4_rtn"):
+        kept, quantized = out[precision, ("lm_head", "vision")], out[precision, ("vision",)]
+        art = open_artifact(quantized)
+        model = onnx.load(str(art.graph("decoder")))
+        init = {t.name: t for t in model.graph.initializer}
+        head = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == "lm_head.weight.nbits"]
+        assert len(head) == 1 and {a.name: a.i for a in head[0].attribute}["N"] == ckpt.config.text.vocab_size
+        gather = next(n for n in model.graph.node if n.op_type == "Gather")
+        assert gather.input[0] == "model.embed_tokens.weight"
+        assert init[gather.input[0]].data_type == onnx.TensorProto.FLOAT
+        assert "Transpose" not in [n.op_type for n in model.graph.node]
+        assert art.details["quantization"]["recipe"]["keep"] == ["vision"]
+        assert art.details["graphs"]["decoder"]["quantized_linears"] == 4 * layers + 1
+        kept_art = open_artifact(kept)
+        assert kept_art.details["quantization"]["recipe"]["keep"] == ["lm_head", "vision"]
+        assert kept_art.details["graphs"]["decoder"]["quantized_linears"] == 4 * layers
+        with_head, without = logits(quantized), logits(kept)
+        assert not np.array_equal(with_head, without)  # the head's quantization shows in the logits
+        for got in (with_head, without):
+            cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
+            assert cosine.min() > (0.999 if precision == "int8_wo" else 0.98), (precision, cosine.min())
+            assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8

@@ -12,6 +12,8 @@ import torch
 
 from benchmarks import peers
 from benchmarks.peer_models import permute_rope_rows, text_model, write_gguf, write_hf_folder
+from benchmarks.runtime import kv_bytes_per_token, streamed_bytes
+from saisa_edge.artifacts import open_artifact
 from saisa_edge.checkpoint.smollm2 import read_llama_gguf, unpermute_rope_rows
 from saisa_edge.errors import SaisaError
 from saisa_edge.model.equivalence import split_prefill
@@ -116,6 +118,7 @@ def test_fed_ids_give_saisa_tokens_and_the_json(tiny_gqa_dir, tmp_path, monkeypa
     art = tmp_path / "art"
     export_artifact(open_checkpoint(tiny_gqa_dir), art, ExportOptions())
     saisa = peers.SaisaSystem("fp32", art)
+    assert set(saisa.session.backend.sessions) == {"decoder"}  # text-only: the image graphs are released
     ids = saisa.prompt_ids()
     ours = saisa.run(ids, 12)
     with pytest.raises(SaisaError, match="other prompt ids"):
@@ -138,6 +141,13 @@ def test_fed_ids_give_saisa_tokens_and_the_json(tiny_gqa_dir, tmp_path, monkeypa
     assert len(row["rounds_decode_tokens_per_s"]) == 2 and row["same_tokens_every_round"]
     assert row["decode_tokens_per_s"]["best"] >= row["decode_tokens_per_s"]["median"] > 0
     assert report["ratios"] == {} and report["fp32_agreement"]["first_divergence"] == {}
+    # the bound of this run: the decoder's streamed weights and the text K/V, over the bandwidth measured
+    weights = streamed_bytes(open_artifact(art).graph("decoder"))
+    assert row["bandwidth_bound"]["bytes_per_token_mb"] == round(
+        (weights + kv_bytes_per_token(saisa.session.backend, len(ids), len(ours.tokens))
+         - kv_bytes_per_token(saisa.session.backend, 0, 0)) / 1e6, 1)
+    assert report["read_gb_per_s"] > 0 and report["bandwidth_bound"]["saisa-edge fp32"]["target"] == 0.85
+    assert row["lm_head"] == "float"
 
 
 def test_report_ratios_name_the_targets():
@@ -164,6 +174,24 @@ def test_report_ratios_name_the_targets():
     assert out["fp32_agreement"]["first_divergence"] == {"onnxruntime-genai fp32": None, "llama.cpp F32": 1}
     assert out["fp32_agreement"]["agree"] is False
     assert json.loads(json.dumps(out)) == out
+
+
+def test_report_puts_onnx_systems_against_the_bandwidth_bound():
+    class Fake:
+        def __init__(self, system, label):
+            self.system, self.label, self.precision, self.source = system, label, label, "x"
+
+    systems = [Fake(peers.SAISA, "fp32"), Fake(peers.GENAI, "fp32"), Fake(peers.LLAMA_CPP, "F32")]
+    runs = {i: [peers.Run([1, 2, 3], 10.0, 2000 / rate)] for i, rate in enumerate((50.0, 40.0, 30.0))}
+    args = peers.parse_args(["--saisa", "fp32=a", "--work", "w", "--agree", "3"])
+    bound = peers.Bound(1e10, {0: 1.6e8, 1: 1e8})  # 62.5 and 100 tokens/s at 10 GB/s; llama.cpp: none
+    out = peers.report(systems, runs, {i: r[0] for i, r in runs.items()}, [1, 2], args, [], bound)  # type: ignore[arg-type]
+    rows = out["systems"]
+    assert rows[0]["bandwidth_bound"] == {"bytes_per_token_mb": 160.0, "bound_tokens_per_s": 62.5,
+                                          "fraction": {"median": 0.8, "best": 0.8}}
+    assert rows[1]["bandwidth_bound"]["fraction"]["median"] == 0.4 and "bandwidth_bound" not in rows[2]
+    assert out["read_gb_per_s"] == 10.0
+    assert out["bandwidth_bound"] == {"saisa-edge fp32": {"fraction_median": 0.8, "target": 0.85, "meets": False}}
 
 
 def test_bad_flags_are_one_line_errors(capsys):
