@@ -133,9 +133,9 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
             scales = {act: c.scale for act, c in found.items() if c.alpha}
             sites[name], smoothed[name] = qdq.smooth(models[name], group, {}, 0.0, scales=scales)
             for old, site in zip(group, sites[name]):
-                sample = getattr(stats[name][old.activation], "sample", None)
-                if sample is not None:
-                    rows[site.activation] = sample / scales[old.activation] if old.activation in scales else sample
+                st = stats[name][old.activation]
+                if isinstance(st, smoothquant.RowsAndRanges) and st.sample is not None:
+                    rows[site.activation] = st.sample_rows / scales.get(old.activation, 1.0)
         if any(smoothed.values()):
             (work / "2").mkdir()
             again = _Run(art, models, smoothed, set(), work / "2", features).run(

@@ -7,7 +7,9 @@ tried on sampled calibration rows, alpha 0 meaning no smoothing: the activation 
 1/s and fake-quantized per tensor (int8, the recipe's range method on the scaled rows),
 the weights scaled by s and fake-quantized per output channel, and the alpha whose output
 errs least from the float x @ W is kept (AWQ's search, `awq.pick_scale`, with a W8A8
-product). Alpha 0 is a candidate, so an input is never smoothed where smoothing hurts.
+product). The rows are a uniform sample plus the rows holding the largest values (massive
+activations: a few tokens' rows that set the ranges). Alpha 0 is a candidate, so an input
+is never smoothed where smoothing hurts.
 """
 
 from __future__ import annotations
@@ -27,18 +29,34 @@ from saisa_edge.calibration.stats import TensorStats, pick_amax
 ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # 0: not smoothed
 
 
+PEAK_ROWS = 16  # rows with the largest |x| kept besides the uniform sample
+
+
 class RowsAndRanges(RowSample):
     """Pass-1 statistics for a per-input alpha: the histogram and per-channel amax of every
-    row (TensorStats: ranges, SmoothQuant's scale) and a uniform row sample (RowSample)."""
+    row (TensorStats: ranges, SmoothQuant's scale), a uniform row sample (RowSample), and
+    the `PEAK_ROWS` rows holding the largest values: a model's massive activations sit in
+    a few tokens' rows that a uniform sample mostly misses, yet they set the ranges."""
 
-    def __init__(self) -> None:
+    def __init__(self, peaks: int = PEAK_ROWS) -> None:
         super().__init__()
         self.channels = True
+        self.peaks = peaks
+        self.peak_rows: np.ndarray | None = None
 
     def update(self, x: np.ndarray) -> None:
         TensorStats.update(self, x)
         RowSample.update(self, x)
         self.count -= x.size  # counted by both
+        a = x.astype(np.float32, copy=False).reshape(-1, x.shape[-1])
+        both = a if self.peak_rows is None else np.concatenate([self.peak_rows, a])
+        self.peak_rows = both[np.argsort(-np.abs(both).max(axis=1), kind="stable")[:self.peaks]].copy()
+
+    @property
+    def sample_rows(self) -> np.ndarray:
+        """The rows the searches measure on: the uniform sample and the peak rows."""
+        assert self.sample is not None and self.peak_rows is not None
+        return np.concatenate([self.sample, self.peak_rows])
 
 
 def fake_quantize(x: np.ndarray, recipe: Recipe) -> np.ndarray:
@@ -103,8 +121,8 @@ def choose_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[str,
             continue
         weights = [weight(init, s) for s in group]
         if recipe.smoothquant == AUTO:
-            assert isinstance(st, RowSample) and st.sample is not None, act
-            chosen[act] = choose(st.sample, st.channel_amax, weights, recipe)
+            assert isinstance(st, RowsAndRanges), act
+            chosen[act] = choose(st.sample_rows, st.channel_amax, weights, recipe)
         else:
             assert isinstance(recipe.smoothquant, float)
             alpha = recipe.smoothquant
@@ -114,7 +132,7 @@ def choose_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[str,
 
 def relative_errors(model: onnx.ModelProto, sites: list[qdq.Site], rows: dict[str, np.ndarray],
                     amax: dict[str, float], recipe: Recipe) -> dict[str, float]:
-    """Per site (by node): ||Q(x) @ Q(W) - x @ W|| / ||x @ W|| on the sampled rows `rows`
+    """Per site (by node): ||Q(x) @ Q(W) - x @ W|| / ||x @ W|| on the rows `rows`
     (by the activation the site reads now, smoothed where it is), at the ranges `amax`
     the Q/DQ graph will use: how much of its output a layer loses to W8A8."""
     init = {t.name: t for t in model.graph.initializer}

@@ -75,6 +75,20 @@ def test_rows_and_ranges_keep_both_statistics():
     assert np.allclose(s.channel_amax, np.abs(x).max(axis=0)) and s.sample is not None and len(s.sample) == 256
 
 
+def test_rows_keep_the_massive_activations():
+    """A uniform sample of 64 rows out of 4000 would miss the 3 rows that set the range."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4000, 16)).astype(np.float32)
+    massive = [17, 1999, 3500]
+    x[massive, 4] = 3000.0
+    s = smoothquant.RowsAndRanges(peaks=4)
+    s.rows, s.rng = 64, np.random.default_rng(0)
+    for chunk in np.split(x, 40):
+        s.update(chunk)
+    assert (np.abs(s.sample).max(axis=1) == 3000).sum() < 3  # the uniform part alone
+    assert (s.sample_rows[:, 4] == 3000).sum() >= 3 and len(s.sample_rows) == 64 + 4
+
+
 def _monotone(first: int, calls: list[int]):
     def measure(k: int) -> sensitivity.Trial:
         calls.append(k)
