@@ -77,17 +77,29 @@ def search_scale(x: np.ndarray, mean_abs: np.ndarray, weights: list[np.ndarray],
     """The per-input-channel scale (s = mean|x|^alpha, normalised) minimising the squared
     error of x @ W over the layers that read `x` (weights [K, N_i]); returns it, its alpha,
     and the error of every alpha tried."""
+    base = np.clip(mean_abs, 1e-4, None)
+    candidates = {}
+    for i in range(grid):
+        s = base ** (i / grid)
+        candidates[i / grid] = s / np.sqrt(s.max() * s.min())
+    return pick_scale(x, weights, candidates, lambda xs, ws: xs @ quant(ws).dequantize())
+
+
+Product = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def pick_scale(x: np.ndarray, weights: list[np.ndarray], candidates: dict[float, np.ndarray], product: Product
+               ) -> tuple[np.ndarray, float, dict[float, float]]:
+    """Of the per-input-channel scales `candidates` (by alpha), the one whose quantized
+    `product(x / s, W * s)` errs least (mean square) from x @ W over the layers reading `x`
+    (weights [K, N_i]); returns it, its alpha, and every alpha's error. Shared by AWQ
+    (weight-only) and SmoothQuant's per-input alpha (W8A8)."""
     w = np.concatenate(weights, axis=1).astype(np.float32)
     ref = x @ w
-    base = np.clip(mean_abs, 1e-4, None)
     errors: dict[float, float] = {}
-    best = (np.inf, 0.0, np.ones_like(base))
-    for i in range(grid):
-        alpha = i / grid
-        s = base ** alpha
-        s = s / np.sqrt(s.max() * s.min())
-        approx = (x / s) @ quant(w * s[:, None]).dequantize()
-        err = float(np.mean((approx - ref) ** 2))
+    best = (np.inf, 0.0, np.ones(w.shape[0], np.float32))
+    for alpha, s in candidates.items():
+        err = float(np.mean((product(x / s, w * s[:, None]) - ref) ** 2))
         errors[alpha] = err
         if err < best[0]:
             best = (err, alpha, s.astype(np.float32))

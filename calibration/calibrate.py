@@ -3,9 +3,11 @@
 Pass 1 runs the float artifact with every linear layer's input tapped: images through
 vision.onnx, their features through visual_kv.onnx, prompts attending the real visual
 K/V through decoder.onnx (prefill, then greedy decode steps). SmoothQuant (INT8) then
-rescales the RMSNorm-fed inputs, and pass 2 re-measures just those. Ranges come from
-the recipe's method; the new artifact keeps the float graphs' interface, so every
-backend runs it unchanged.
+rescales the RMSNorm-fed inputs, each by its own alpha chosen on sampled rows
+(`smoothquant`) or by one fixed alpha, and pass 2 re-measures just those. Ranges come from
+the recipe's method. Which INT8 linears stay in float: the fewest decoder linears that
+meet the text-only marks (`sensitivity`, when a gate is given), elsewhere a noise rule.
+The new artifact keeps the float graphs' interface, so every backend runs it unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ import onnx
 from saisa_edge.artifacts import ARTIFACT_KIND, MANIFEST_NAME, Artifact, atomic_folder, open_artifact, write_manifest
 from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.backends.ort import OrtBackend
-from saisa_edge.calibration import awq, qdq, weight_only
+from saisa_edge.calibration import awq, qdq, sensitivity, smoothquant, weight_only
 from saisa_edge.calibration.data import Pair, digest
 from saisa_edge.calibration.recipe import Recipe
 from saisa_edge.calibration.stats import TensorStats, noise_ratio, pick_amax
@@ -100,55 +104,76 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pair], decode_steps: int = 4,
-              force: bool = False) -> dict[str, Any]:
-    """Write the calibrated artifact `out`; returns its manifest details."""
+              force: bool = False, gate: sensitivity.Gate | None = None) -> dict[str, Any]:
+    """Write the calibrated artifact `out`; returns its manifest details. `gate` (int8 only):
+    keep in float the fewest decoder linears that meet its marks (sensitivity search), instead
+    of the noise rule."""
     art = open_source(source)
     t0 = time.perf_counter()
     models = {name: onnx.load(str(art.graph(name))) for name in GRAPHS}
     sites = select_sites(models, recipe)
     taps = {name: sorted({s.activation for s in group}) for name, group in sites.items()}
     features: dict[str, np.ndarray] = {}
+    int8 = recipe.precision == "int8"
     passes = 2 if recipe.smoothquant is not None else 1
+    collector = awq.RowSample if recipe.awq else smoothquant.RowsAndRanges if int8 else None
+    choices: dict[str, smoothquant.Choice] = {}
+    rows: dict[str, np.ndarray] = {}  # int8: sampled rows of each tensor a linear reads (smoothed where it is)
     with tempfile.TemporaryDirectory(prefix="saisa-calibrate-") as tmp:
         channels = {t for names in taps.values() for t in names} if recipe.smoothquant is not None else set()
         work = Path(tmp)
         (work / "1").mkdir()
-        stats = _Run(art, models, taps, channels, work / "1", features, awq.RowSample if recipe.awq else None).run(
+        stats = _Run(art, models, taps, channels, work / "1", features, collector).run(
             data, decode_steps, f"calibrating (pass 1/{passes})") if recipe.awq or not recipe.weight_only else {}
         smoothed: dict[str, list[str]] = {}
-        if recipe.smoothquant is not None:
-            for name, group in sites.items():
-                amax = {t: s.channel_amax for t, s in stats[name].items() if s.channel_amax is not None}
-                sites[name], smoothed[name] = qdq.smooth(models[name], group, amax, recipe.smoothquant)
-            if any(smoothed.values()):
-                (work / "2").mkdir()
-                again = _Run(art, models, smoothed, set(), work / "2", features).run(
-                    data, decode_steps, "calibrating (pass 2/2, smoothed inputs)")
-                for name, found in again.items():
-                    stats[name].update(found)
+        for name, group in sites.items() if int8 else ():
+            found = smoothquant.choose_graph(models[name], group, stats[name], recipe) \
+                if recipe.smoothquant is not None else {}
+            choices.update(found)
+            scales = {act: c.scale for act, c in found.items() if c.alpha}
+            sites[name], smoothed[name] = qdq.smooth(models[name], group, {}, 0.0, scales=scales)
+            for old, site in zip(group, sites[name]):
+                st = stats[name][old.activation]
+                if isinstance(st, smoothquant.RowsAndRanges) and st.sample is not None:
+                    rows[site.activation] = st.sample_rows / scales.get(old.activation, 1.0)
+        if any(smoothed.values()):
+            (work / "2").mkdir()
+            again = _Run(art, models, smoothed, set(), work / "2", features).run(
+                data, decode_steps, "calibrating (pass 2/2, smoothed inputs)")
+            for name, found_stats in again.items():
+                stats[name].update(found_stats)
+    if choices:
+        say("SmoothQuant alpha per input: " + ", ".join(
+            f"{a:g} x{n}" for a, n in sorted(Counter(c.alpha for c in choices.values()).items())))
     quants: dict[str, weight_only.WeightQuant] = {}
     alphas: dict[str, float] = {}
     if recipe.weight_only:  # weights alone (AWQ: scales and clipping searched on the tapped rows), no ranges
         for name in GRAPHS:
-            sites[name], smoothed[name], found, chosen = awq.quantize_graph(models[name], sites[name],
-                                                                            stats.get(name, {}), recipe)
-            quants.update(found)
+            sites[name], smoothed[name], found_q, chosen = awq.quantize_graph(models[name], sites[name],
+                                                                              stats.get(name, {}), recipe)
+            quants.update(found_q)
             alphas.update(chosen)
-    calibration_s = time.perf_counter() - t0
     measured = {t: s for group in stats.values() for t, s in group.items()}
     amax = {site.activation: pick_amax(measured[site.activation], recipe.method, int(recipe.activation_levels),
                                        recipe.percentile) for group in sites.values() for site in group
             if not recipe.weight_only}
     # int8's uniform grid loses small values when a few large ones set the range; fp8's
     # relative precision does not (its noise is about 3% at any magnitude), so no fallback
-    noise = {t: noise_ratio(measured[t], a, recipe.activation_levels) if recipe.precision == "int8" else 0.0
-             for t, a in amax.items()}
+    noise = {t: noise_ratio(measured[t], a, recipe.activation_levels) if int8 else 0.0 for t, a in amax.items()}
     fallback = {name: [s.node for s in group if noise.get(s.activation, 0.0) > recipe.max_noise]
                 for name, group in sites.items()}
+    searched: dict[str, Any] = {}
+    if gate is not None:
+        if not int8:
+            raise SaisaError(f"--search-budget: the sensitivity search is for int8_sq, not {recipe.precision}")
+        fallback["decoder"], searched = _search(art, models["decoder"], sites["decoder"], rows, amax, recipe, gate,
+                                                data)
     sites = {name: [s for s in group if s.node not in fallback[name]] for name, group in sites.items()}
     if any(fallback.values()):
-        say(f"kept in float (input noise over {recipe.max_noise:g}): "
-            + ", ".join(f"{name}: {len(nodes)}" for name, nodes in fallback.items() if nodes))
+        say("kept in float: " + ", ".join(f"{name}: {len(nodes)}" for name, nodes in fallback.items() if nodes)
+            + (" (decoder: sensitivity search; others: " if searched else " (")
+            + f"input noise over {recipe.max_noise:g})")
+    calibration_s = time.perf_counter() - t0
     details = json.loads(json.dumps(art.details))
     with atomic_folder(out, force, kind=ARTIFACT_KIND, inputs=(art.path,)) as tmp_out:
         for name in GRAPHS:
@@ -176,6 +201,10 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
             "images": sorted({str(p.image) for p in data}),
             "seconds": round(calibration_s, 1),
             "ranges": {t: {"amax": round(v, 6), "noise": round(noise[t], 4)} for t, v in sorted(amax.items())},
+            **({"smoothquant_alpha": {t: c.alpha for t, c in sorted(choices.items())},
+                "smoothquant_mse": {t: {f"{a:g}": float(f"{e:.4g}") for a, e in c.errors.items()}
+                                    for t, c in sorted(choices.items()) if c.errors}} if choices else {}),
+            **({"sensitivity": searched} if searched else {}),
             **({"awq_alpha": dict(sorted(alphas.items())),
                 "runs_on": weight_only.ACCEPTED_BY[recipe.form][
                     "uint4" if recipe.asymmetric else f"int{recipe.weight_bits}"]}
@@ -186,9 +215,56 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
     return details
 
 
+def _search(art: Artifact, decoder: onnx.ModelProto, sites: list[qdq.Site], rows: dict[str, np.ndarray],
+            amax: dict[str, float], recipe: Recipe, gate: sensitivity.Gate, data: list[Pair]
+            ) -> tuple[list[str], dict[str, Any]]:
+    """The decoder linears to keep in float (the `sensitivity` search, each candidate a real
+    Q/DQ decoder on ONNX Runtime), and the search's record for the manifest."""
+    t0 = time.perf_counter()
+    errors = smoothquant.relative_errors(decoder, sites, rows, amax, recipe)
+    ranking = sorted(errors, key=lambda node: -errors[node])
+    prompts = list(dict.fromkeys(p.prompt for p in data))[:gate.prompts]
+    tokenizer = PromptTokenizer.load(art.path)
+    judge = sensitivity.TextJudge(gate, art.details, recipe.precision, tokenizer,
+                                  TEMPLATES[art.details["conv_mode"]], prompts)
+    say(f"sensitivity search over {len(ranking)} decoder linears (most sensitive: "
+        + ", ".join(f"{n} {errors[n]:.3f}" for n in ranking[:3]) + f"), at most {gate.budget} candidates")
+    with tempfile.TemporaryDirectory(prefix="saisa-sensitivity-") as tmp:
+        def measure(k: int) -> sensitivity.Trial:
+            model = onnx.ModelProto()
+            model.CopyFrom(decoder)
+            kept = set(ranking[:k])
+            qdq.insert_qdq(model, [s for s in sites if s.node not in kept], amax, recipe)
+            path = Path(tmp) / f"decoder-{k}.onnx"
+            _save(model, path)
+            del model
+            trial = judge(k, OrtBackend(art, {"decoder": path}))
+            for f in Path(tmp).iterdir():
+                f.unlink()
+            return trial
+
+        outcome = sensitivity.search(measure, len(ranking), gate.budget)
+    k = outcome.k if outcome.k is not None else max((t.k for t in outcome.trials), default=0)
+    if outcome.k is None:
+        say(f"sensitivity search: no candidate met the marks in {len(outcome.trials)} tries; keeping the "
+            f"{k} most sensitive linears in float (the closest measured)")
+    elif not outcome.fewest:
+        say(f"sensitivity search: {k} linears in float meet the marks; the budget ran out before fewer were ruled out")
+    record = {"ranking": [{"node": n, "relative_error": round(errors[n], 5)} for n in ranking],
+              "kept": ranking[:k], **outcome.as_json(), "budget": gate.budget, "prompts": prompts,
+              "thresholds": asdict(judge.thresholds), "reference_perplexity": judge.reference_perplexity,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    return ranking[:k], record
+
+
 def summary(details: dict[str, Any]) -> dict[str, Any]:
     q = details["quantization"]
     per_graph = {name: {"quantized_linears": g["quantized_linears"], "smoothed_inputs": g["smoothed_inputs"],
                         "float_fallback": len(g["float_fallback"]), "weights_mib": round(g["weights_bytes"] / 2**20, 1)}
                  for name, g in details["graphs"].items()}
-    return {"recipe": q["recipe"], "samples": q["samples"], "seconds": q["seconds"], "graphs": per_graph}
+    searched = q.get("sensitivity")
+    return {"recipe": q["recipe"], "samples": q["samples"], "seconds": q["seconds"], "graphs": per_graph,
+            **({"smoothquant_alpha": dict(sorted(Counter(q["smoothquant_alpha"].values()).items()))}
+               if "smoothquant_alpha" in q else {}),
+            **({"sensitivity": {"kept_in_float": len(searched["kept"]), "fewest_proven": searched["fewest_proven"],
+                                "candidates": len(searched["trials"])}} if searched else {})}

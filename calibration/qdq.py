@@ -114,10 +114,8 @@ def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np
         if act not in (channel_amax if scales is None else scales) or any(site.transposed for site in group):
             continue
         weights = [numpy_helper.to_array(init[site.weight]).astype(np.float32) for site in group]
-        if scales is None:
-            w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-            scale = np.clip(channel_amax[act], 1e-5, None) ** alpha / np.clip(w_amax, 1e-5, None) ** (1 - alpha)
-        scale = np.clip(scale if scales is None else scales[act], 1e-5, None).astype(np.float32)
+        scale = smoothquant_scale(channel_amax[act], weights, alpha) if scales is None else scales[act]
+        scale = np.clip(scale, 1e-5, None).astype(np.float32)
         for site, w in zip(group, weights):
             _replace(init[site.weight], (w * scale[:, None]).astype(_np_dtype(init[site.weight])))
         norm = producers.get(act)
@@ -142,6 +140,12 @@ def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np
     return out, sorted(set(renamed.values()))
 
 
+def smoothquant_scale(channel_amax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """SmoothQuant's s_j = amax_x(j)^alpha / amax_w(j)^(1-alpha) over the weights [in, out] reading x."""
+    w_amax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    return np.clip(channel_amax, 1e-5, None) ** alpha / np.clip(w_amax, 1e-5, None) ** (1 - alpha)
+
+
 def _insert_before(graph: onnx.GraphProto, new_nodes: dict[str, list[onnx.NodeProto]]) -> None:
     ordered = []
     for n in graph.node:
@@ -159,11 +163,22 @@ def _replace(t: TensorProto, value: np.ndarray) -> None:
     t.CopyFrom(numpy_helper.from_array(value, t.name))
 
 
+def int_codes(x: np.ndarray, scale: np.ndarray | float, levels: float) -> np.ndarray:
+    """Symmetric integer quantization (zero point 0), as QuantizeLinear rounds: half to even."""
+    return np.clip(np.round(x / scale), -levels, levels)
+
+
+def weight_scale(w: np.ndarray, recipe: Recipe) -> np.ndarray:
+    """The weight [in, out]'s DequantizeLinear scale: one per output channel, or one for the tensor."""
+    if recipe.per_channel_weights:
+        return np.clip(np.abs(w).max(axis=0), 1e-8, None) / recipe.weight_levels
+    return np.asarray(max(float(np.abs(w).max()), 1e-8) / recipe.weight_levels)
+
+
 def _quantized_bytes(w: np.ndarray, scale: np.ndarray, recipe: Recipe) -> tuple[int, bytes]:
     q = w / scale
     if recipe.precision == "int8":
-        levels = recipe.weight_levels
-        return TensorProto.INT8, np.clip(np.round(q), -levels, levels).astype(np.int8).tobytes()
+        return TensorProto.INT8, int_codes(w, scale, recipe.weight_levels).astype(np.int8).tobytes()
     t = torch.from_numpy(np.clip(q, -recipe.weight_levels, recipe.weight_levels)).to(torch.float8_e4m3fn)
     return TensorProto.FLOAT8E4M3FN, t.view(torch.uint8).numpy().tobytes()
 
@@ -196,14 +211,13 @@ def insert_qdq(model: onnx.ModelProto, sites: list[Site], amax: dict[str, float]
         w = numpy_helper.to_array(init[s.weight]).astype(np.float32)
         w = w.T if s.transposed else w  # [in, out]
         base = "lm_head.weight" if s.transposed else s.weight
+        w_scale = weight_scale(w, recipe)
         if recipe.per_channel_weights:
-            w_scale = np.clip(np.abs(w).max(axis=0), 1e-8, None) / recipe.weight_levels
             zeros = [f"{base}.zero_point"]
             new_inits.append(helper.make_tensor(zeros[0], recipe.elem_type, [w.shape[1]],
                                                 vals=b"\0" * w.shape[1], raw=True))
             axis: dict[str, Any] = {"axis": 1}
         else:
-            w_scale = np.asarray(max(float(np.abs(w).max()), 1e-8) / recipe.weight_levels)
             zeros, axis = [zero.name], {}
         data_type, raw = _quantized_bytes(w, w_scale, recipe)
         new_inits += [

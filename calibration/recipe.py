@@ -33,7 +33,8 @@ DEFAULT_ASYMMETRIC = True
 KEEPABLE = ("lm_head", "vision")
 DEFAULT_KEEP = ("lm_head",)
 DEFAULT_METHOD = {"int8": "percentile", "fp8": "max"}
-DEFAULT_SMOOTHQUANT = 0.5
+AUTO = "auto"  # SmoothQuant's alpha chosen per input by measured W8A8 error (calibration.smoothquant)
+DEFAULT_SMOOTHQUANT = AUTO
 DEFAULT_MAX_NOISE = 0.1
 DEFAULT_PERCENTILE = 99.99
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
@@ -51,7 +52,7 @@ class Recipe:
     target: Target
     method: str
     keep: tuple[str, ...]
-    smoothquant: float | None  # SmoothQuant's alpha; None: no smoothing (always for FP8)
+    smoothquant: float | str | None  # SmoothQuant's alpha, or AUTO (per input); None: no smoothing (always FP8)
     percentile: float = DEFAULT_PERCENTILE
     max_noise: float = DEFAULT_MAX_NOISE  # a linear whose input would lose more (noise/signal) stays in float
     group_size: int = DEFAULT_GROUP_SIZE  # int4: rows of K sharing a scale
@@ -117,7 +118,7 @@ class Recipe:
 
 
 def make_recipe(precision: str, target_name: str, method: str | None = None, keep: tuple[str, ...] = DEFAULT_KEEP,
-                smoothquant: float | None = DEFAULT_SMOOTHQUANT, percentile: float = DEFAULT_PERCENTILE,
+                smoothquant: float | str | None = DEFAULT_SMOOTHQUANT, percentile: float = DEFAULT_PERCENTILE,
                 max_noise: float = DEFAULT_MAX_NOISE, group_size: int = DEFAULT_GROUP_SIZE,
                 nbits_accuracy: int | None = None, asymmetric: bool | None = None) -> Recipe:
     if precision not in PRECISIONS:
@@ -136,14 +137,29 @@ def make_recipe(precision: str, target_name: str, method: str | None = None, kee
     for k in keep:
         if k not in KEEPABLE:
             raise SaisaError(f"--keep {k!r}: choose from {', '.join(KEEPABLE)}")
-    if smoothquant is not None and not 0.0 < smoothquant < 1.0:
-        raise SaisaError(f"--smoothquant {smoothquant}: alpha must lie strictly between 0 and 1")
+    smoothquant = parse_smoothquant(smoothquant)
     if not 50.0 < percentile < 100.0:
         raise SaisaError(f"--percentile {percentile}: must lie between 50 and 100")
     if max_noise <= 0:
         raise SaisaError(f"--max-noise {max_noise}: must be positive (a large value quantizes every layer)")
     return Recipe(precision, t, method, tuple(sorted(set(keep))),
                   smoothquant if precision == "int8" else None, percentile, max_noise)
+
+
+def parse_smoothquant(value: float | str | None) -> float | str | None:
+    """--smoothquant: `auto` (an alpha per input, by measured error), an alpha in (0, 1) for
+    every input, or 0 (no smoothing; None)."""
+    if value is None or value == AUTO:
+        return value
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise SaisaError(f"--smoothquant {value!r}: give auto, or an alpha between 0 and 1 (0: no smoothing)") from None
+    if alpha == 0.0:
+        return None
+    if not 0.0 < alpha < 1.0:
+        raise SaisaError(f"--smoothquant {value}: alpha must lie strictly between 0 and 1 (or auto; 0: no smoothing)")
+    return alpha
 
 
 def _weight_only(precision: str, t: Target, keep: tuple[str, ...], group_size: int, nbits_accuracy: int | None,

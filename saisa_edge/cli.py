@@ -376,10 +376,16 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @click.option("--percentile", type=float, default=recipes.DEFAULT_PERCENTILE, show_default=True)
 @click.option("--keep", default=",".join(recipes.DEFAULT_KEEP), show_default=True,
               help="Comma list left in float: lm_head, vision ('' quantizes both).")
-@click.option("--smoothquant", type=float, default=recipes.DEFAULT_SMOOTHQUANT, show_default=True,
-              help="SmoothQuant alpha for int8 (0 turns smoothing off).")
+@click.option("--smoothquant", default=recipes.DEFAULT_SMOOTHQUANT, show_default=True,
+              help="int8: SmoothQuant alpha per input chosen by measured W8A8 error (auto), or one alpha for "
+                   "every input (0 turns smoothing off).")
 @click.option("--max-noise", type=float, default=recipes.DEFAULT_MAX_NOISE, show_default=True,
-              help="INT8: a linear layer whose input int8 would blur more (noise/signal RMS) stays in float.")
+              help="INT8: a linear layer whose input int8 would blur more (noise/signal RMS) stays in float "
+                   "(the decoder's: only with --search-budget 0).")
+@click.option("--search-budget", type=int, default=None,
+              help="int8: most candidates the sensitivity search measures (text-only validation each) to keep the "
+                   "fewest decoder linears in float that meet the marks; 0: the noise rule instead "
+                   "[default: 8 for int8].")
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True,
               help="Greedy decode steps calibrated after each prefill.")
 @click.option("--group-size", type=int, default=recipes.DEFAULT_GROUP_SIZE, show_default=True,
@@ -397,8 +403,8 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @_thresholds
 @click.option("--force", is_flag=True, help="Replace an earlier calibrate output.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
-              samples: int, method: str | None, percentile: float, keep: str, smoothquant: float, max_noise: float,
-              decode_steps: int, group_size: int, nbits_accuracy: str | None, zero_point: bool | None,
+              samples: int, method: str | None, percentile: float, keep: str, smoothquant: str, max_noise: float,
+              search_budget: int | None, decode_steps: int, group_size: int, nbits_accuracy: str | None, zero_point: bool | None,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
               min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
     """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then
@@ -411,19 +417,23 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     from saisa_edge.calibration.recipe import make_recipe
     from saisa_edge.progress import say
 
+    from saisa_edge.calibration.sensitivity import gate_for
+
     recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
-                         smoothquant or None, percentile, max_noise, group_size,
+                         smoothquant, percentile, max_noise, group_size,
                          None if nbits_accuracy is None else int(nbits_accuracy), zero_point)
+    bounds: dict[str, float | None] = {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy,
+                                       "max_perplexity_increase": max_perplexity_increase}
+    gate = gate_for(recipe.precision, search_budget, reference, bounds)
     check_output(output, force, kind=ARTIFACT_KIND, inputs=(artifact,))  # before the calibration passes
     source = open_source(artifact)
     cfg = source.config
     data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.pads_images)
-    details = run_calibration(source, output, recipe, data, decode_steps, force)
+    details = run_calibration(source, output, recipe, data, decode_steps, force, gate)
     say(f"wrote {output}: {json.dumps(summary(details))}")
     if report_samples:  # its files were hashed as they were written, moments ago: sizes are checked, not hashes
-        _report(open_artifact(output, verify=False), reference, None, None, None, report_samples,
-                {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy,
-                 "max_perplexity_increase": max_perplexity_increase}, as_json=False, text_only=True)
+        _report(open_artifact(output, verify=False), reference, None, None, None, report_samples, bounds,
+                as_json=False, text_only=True)
 
 
 @main.command()

@@ -43,7 +43,7 @@ def calibrated(tmp_path_factory, float_artifact):
     data = pairs(cfg.vision, 4)
     out = {}
     for precision, target in (("int8", "cpu"), ("fp8", "h100")):
-        recipe = make_recipe(precision, target, keep=())
+        recipe = make_recipe(precision, target, keep=(), smoothquant=0.5)  # one alpha: test_int8_sq has auto
         out[precision] = root / precision
         calibrate(float_artifact, out[precision], recipe, data, decode_steps=2)
     return out
@@ -302,10 +302,10 @@ def test_cli_recipe_flags_reach_the_manifest(tmp_path, float_artifact):
     result = CliRunner().invoke(main, [
         "calibrate", str(float_artifact), "-o", str(out), "--precision", "int8", "--target", "orin-nx",
         "--method", "entropy", "--keep", "", "--smoothquant", "0", "--max-noise", "1000", "--samples", "2",
-        "--decode-steps", "1", "--report-samples", "0"])
+        "--decode-steps", "1", "--report-samples", "0", "--search-budget", "0"])
     assert result.exit_code == 0, result.output
     q = json.loads((out / MANIFEST_NAME).read_text())["details"]["quantization"]
     assert q["recipe"]["method"] == "entropy" and q["recipe"]["keep"] == [] and q["recipe"]["target"] == "orin-nx"
     assert q["recipe"]["smoothquant_alpha"] is None and q["recipe"]["max_noise"] == 1000
-    assert q["samples"] == 2 and q["decode_steps"] == 1
+    assert q["samples"] == 2 and q["decode_steps"] == 1 and "sensitivity" not in q  # --search-budget 0
     assert "validating" not in result.output and "logit cosine" not in result.output  # --report-samples 0
