@@ -41,7 +41,7 @@ def main() -> None:
     opened = {p: open_artifact(p) for p in sources}  # each folder read and hashed once
     models = {p: open_model(opened[p], "onnxruntime") for p in sources}
     pixels = preprocess(load_image(DEMO_IMAGE), models[args.base][0].config.vision)
-    request = Request(QUESTION, pixels, max_new_tokens=args.tokens)
+    request = Request(QUESTION, pixels, max_new_tokens=args.tokens, ignore_eos=True)  # every format decodes as many
     sessions = {p: session(*models[p]) for p in sources}
     for s in sessions.values():
         s.generate(request)  # warm up, cache the image

@@ -133,7 +133,7 @@ def main() -> None:
     pixels = preprocess(load_image(DEMO_IMAGE), first.config.vision)
     report: dict[str, Any] = {"machine": {"threads": torch.get_num_threads()}}
     # a fixed number of tokens: the model must not stop early for the rates to compare
-    eos_free = Request(QUESTION, pixels, max_new_tokens=args.tokens)
+    eos_free = Request(QUESTION, pixels, max_new_tokens=args.tokens, ignore_eos=True)
     sessions = {name: session(b, tok) for name, b in backends.items()}
     for s in sessions.values():
         s.generate(eos_free)  # warm up and cache the image

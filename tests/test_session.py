@@ -22,6 +22,7 @@ from saisa_edge.inputs.image import load_image, preprocess
 from saisa_edge.model import original
 from saisa_edge.runtime.sampling import SamplingParams
 from saisa_edge.runtime.session import Request, Session
+from saisa_edge.errors import SaisaError
 from saisa_edge.runtime.visual_cache import VisualCache
 from tests.conftest import DEMO_IMAGE
 
@@ -144,6 +145,22 @@ def test_streaming_and_stop(tiny_gqa_ckpt):
     r = s.generate(Request("What is shown?", _pixels(tiny_gqa_ckpt), max_new_tokens=12), pieces.append)
     assert "".join(pieces).strip() == r.text and r.finish_reason == "length"
     assert r.as_json()["decode_tokens_per_s"] > 0
+
+
+def test_ignore_eos_decodes_every_token(tiny_gqa_ckpt):
+    """Benchmarks compare decode rates over a fixed token count: a format whose answer ends at
+    once measured 0 tok/s. With ignore_eos the EOS (here the first greedy token, made an EOS)
+    is decoded past; without it the answer stops there."""
+    s = _session(TorchBackend(tiny_gqa_ckpt), tiny_gqa_ckpt.tokenizer)
+    pixels = _pixels(tiny_gqa_ckpt)
+    first = s.generate(Request("What is shown?", pixels, max_new_tokens=12)).tokens[0]
+    s._eos = {first}
+    stopped = s.generate(Request("What is shown?", pixels, max_new_tokens=12))
+    assert stopped.tokens == [] and stopped.finish_reason == "stop"
+    full = s.generate(Request("What is shown?", pixels, max_new_tokens=12, ignore_eos=True))
+    assert len(full.tokens) == 12 and full.tokens[0] == first and full.finish_reason == "length"
+    with pytest.raises(SaisaError, match="ignore_eos"):
+        Request("What is shown?", ignore_eos="yes")  # type: ignore[arg-type]
 
 
 # --- CLI -------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class Request:
     pixels: np.ndarray | None = None  # preprocessed [3, S, S] float32
     params: SamplingParams = SamplingParams()
     max_new_tokens: int = 128
+    ignore_eos: bool = False  # decode all max_new_tokens, past EOS and stop strings (benchmarks)
 
     def __post_init__(self) -> None:
         check_max_new_tokens(self.max_new_tokens)
@@ -45,6 +46,8 @@ class Request:
         check_prompt(self.question)
         if not isinstance(self.params, SamplingParams):
             raise SaisaError("params: give a SamplingParams")
+        if not isinstance(self.ignore_eos, bool):
+            raise SaisaError("ignore_eos: give True or False")
 
 
 class PromptTooLong(SaisaError):
@@ -115,6 +118,7 @@ class _Row:
     timings: dict[str, float]
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+    ignore_eos: bool = False
 
 
 def _ids(rows: list[int] | list[list[int]]) -> np.ndarray:
@@ -191,7 +195,7 @@ class Session:
                 visual, status = self._visual(request.pixels, start, timings)
         stream = TextStream(self.tokenizer.decode, (self.template.stop,), on_text, self.tokenizer.byte_ids)
         return _Row(ids, text, positions, start, visual, status, request.params, request.max_new_tokens,
-                    stream, t0, timings)
+                    stream, t0, timings, ignore_eos=request.ignore_eos)
 
     def _visual(self, pixels: np.ndarray, start: int, timings: dict[str, float]) -> tuple[VisualKV, str]:
         def compute() -> VisualKV:
@@ -292,11 +296,11 @@ class Session:
 
     def _accept(self, row: _Row, token: int, position: int) -> None:
         """Take a sampled token: EOS, a stop string, the token limit or the context end finish the row."""
-        if token in self._eos:
+        if token in self._eos and not row.ignore_eos:
             row.finish = "stop"
             return
         row.tokens.append(token)
-        if row.stream.push(token):
+        if row.stream.push(token) and not row.ignore_eos:
             row.finish = "stop"
         elif len(row.tokens) >= row.max_new_tokens or position + 1 >= self.backend.max_context:
             row.finish = "length"
