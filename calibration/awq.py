@@ -160,7 +160,7 @@ def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[st
         scale, alpha, _ = search_scale(st.sample, st.mean_abs, [weight(s) for s in group], rtn)
         if alpha > 0:
             scales[act], alphas[act] = scale, alpha
-    new_sites, scaled = qdq.smooth(model, sites, {}, 0.0, scales=scales)
+    new_sites, scaled = qdq.smooth(model, sites, scales)
     quants = {}
     for old, site in zip(sites, new_sites):
         x = getattr(stats[old.activation], "sample")

@@ -131,7 +131,7 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
                 if recipe.smoothquant is not None else {}
             choices.update(found)
             scales = {act: c.scale for act, c in found.items() if c.alpha}
-            sites[name], smoothed[name] = qdq.smooth(models[name], group, {}, 0.0, scales=scales)
+            sites[name], smoothed[name] = qdq.smooth(models[name], group, scales)
             for old, site in zip(group, sites[name]):
                 st = stats[name][old.activation]
                 if isinstance(st, smoothquant.RowsAndRanges) and st.sample is not None:

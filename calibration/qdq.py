@@ -94,14 +94,13 @@ def float_type(model: onnx.ModelProto) -> int:
     return TensorProto.FLOAT
 
 
-def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np.ndarray],
-           alpha: float, scales: dict[str, np.ndarray] | None = None) -> tuple[list[Site], list[str]]:
-    """SmoothQuant: divide activation channel j by s_j = amax_x(j)^a / amax_w(j)^(1-a) and
-    multiply weight row j by it. The division folds into the RMSNorm scale that produces
-    the activation where there is one (no op at run time); elsewhere (o_proj, down_proj,
-    projector inputs) it is a Mul by 1/s, which TensorRT fuses into the producer.
-    `scales` gives s per tensor instead (AWQ's searched scales). Returns the sites (reading
-    the smoothed tensors) and the smoothed tensors' names."""
+def smooth(model: onnx.ModelProto, sites: list[Site], scales: dict[str, np.ndarray]) -> tuple[list[Site], list[str]]:
+    """Divide activation channel j by s_j and multiply weight row j by it, for the tensors in
+    `scales` (SmoothQuant's s, `smoothquant_scale`, or AWQ's searched scales). The division
+    folds into the RMSNorm scale that produces the activation where there is one (no op at
+    run time); elsewhere (o_proj, down_proj, projector inputs) it is a Mul by 1/s, which
+    TensorRT fuses into the producer. Returns the sites (reading the smoothed tensors) and
+    the smoothed tensors' names."""
     graph = model.graph
     init = {t.name: t for t in graph.initializer}
     producers, consumers = _producers(graph), _consumers(graph)
@@ -111,11 +110,10 @@ def smooth(model: onnx.ModelProto, sites: list[Site], channel_amax: dict[str, np
     renamed: dict[str, str] = {}
     inserted: dict[str, onnx.NodeProto] = {}  # before the first consumer
     for act, group in by_act.items():
-        if act not in (channel_amax if scales is None else scales) or any(site.transposed for site in group):
+        if act not in scales or any(site.transposed for site in group):
             continue
         weights = [numpy_helper.to_array(init[site.weight]).astype(np.float32) for site in group]
-        scale = smoothquant_scale(channel_amax[act], weights, alpha) if scales is None else scales[act]
-        scale = np.clip(scale, 1e-5, None).astype(np.float32)
+        scale = np.clip(scales[act], 1e-5, None).astype(np.float32)
         for site, w in zip(group, weights):
             _replace(init[site.weight], (w * scale[:, None]).astype(_np_dtype(init[site.weight])))
         norm = producers.get(act)

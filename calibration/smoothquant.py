@@ -59,13 +59,11 @@ class RowsAndRanges(RowSample):
         return np.concatenate([self.sample, self.peak_rows])
 
 
-def fake_quantize(x: np.ndarray, recipe: Recipe) -> np.ndarray:
-    """x as the activation's QuantizeLinear/DequantizeLinear pair gives it back, its range
-    picked from x itself by the recipe's method."""
+def picked_amax(x: np.ndarray, recipe: Recipe) -> float:
+    """The activation range the recipe's method picks from x itself."""
     stats = TensorStats()
     stats.update(x)
-    step = pick_amax(stats, recipe.method, int(recipe.activation_levels), recipe.percentile) / recipe.activation_levels
-    return qdq.int_codes(x, step, recipe.activation_levels) * step
+    return pick_amax(stats, recipe.method, int(recipe.activation_levels), recipe.percentile)
 
 
 def w8a8(recipe: Recipe, amax: float | None = None) -> Product:
@@ -73,13 +71,9 @@ def w8a8(recipe: Recipe, amax: float | None = None) -> Product:
     from x), weights per output channel, both at the recipe's levels."""
 
     def product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        if amax is None:
-            xq = fake_quantize(x, recipe)
-        else:
-            step = amax / recipe.activation_levels
-            xq = qdq.int_codes(x, step, recipe.activation_levels) * step
+        step = (picked_amax(x, recipe) if amax is None else amax) / recipe.activation_levels
         scale = qdq.weight_scale(w, recipe)
-        return xq @ (qdq.int_codes(w, scale, recipe.weight_levels) * scale)
+        return (qdq.int_codes(x, step, recipe.activation_levels) * step) @ (qdq.int_codes(w, scale, recipe.weight_levels) * scale)
 
     return product
 

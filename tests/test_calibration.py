@@ -189,7 +189,7 @@ def test_smoothing_keeps_the_float_function(float_artifact):
     acts = {s.activation for s in sites}
     width = {s.activation: numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == s.weight)).shape[0]
              for s in sites if not s.transposed}
-    new_sites, smoothed = qdq.smooth(model, sites, {a: rng.uniform(0.1, 30, width[a]) for a in acts if a in width}, 0.5)
+    new_sites, smoothed = qdq.smooth(model, sites, {a: rng.uniform(0.1, 30, width[a]) for a in acts if a in width})
     layers = art.config.text.num_hidden_layers
     assert len(smoothed) == 4 * layers + 1  # qkv, o, gate_up, down inputs, and the head's
     folded = [a for a in smoothed if not a.endswith(".smoothed")]
