@@ -24,7 +24,7 @@ from saisa_edge.checkpoint.presets import tiny, write_checkpoint
 from saisa_edge.inputs.conversation import get_template
 from saisa_edge.inputs.image import DEMO_IMAGE, load_image, preprocess
 from saisa_edge.model import original
-from saisa_edge.model.equivalence import split_prefill
+from saisa_edge.model.equivalence import split_greedy, split_prefill
 from saisa_edge.runtime.session import user_message
 
 SPECS = {
@@ -44,20 +44,6 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def greedy_tokens(lm, ids: list[int], features: torch.Tensor, n: int) -> list[int]:
-    from saisa_edge.model import split
-
-    logits, cache, visual, positions = split_prefill(lm, ids, features)
-    out, pos = [], positions[-1] + 1
-    for _ in range(n):
-        tok = int(logits[-1].argmax())
-        out.append(tok)
-        step, cache = split.forward_text(lm, torch.tensor([[tok]]), torch.tensor([[pos]]), cache, visual)
-        logits, pos = step[0], pos + 1
-    return out
-
-
-@torch.no_grad()
 def measure(name: str, overrides: dict[str, int], root: Path, device: str, dtypes: list[torch.dtype]) -> dict:
     ckpt = load_checkpoint(write_checkpoint(tiny(**overrides), root / name.replace(" ", "-"), dtype="fp32",
                                             preset="tiny"))
@@ -70,13 +56,13 @@ def measure(name: str, overrides: dict[str, int], root: Path, device: str, dtype
     result: dict[str, object] = {
         "split_vs_original_fp32_cpu": compare(want, original.forward(ckpt.lm, ids, features[0])),
     }
-    want_tokens = greedy_tokens(ckpt.lm, ids, features, 32)
+    want_tokens = split_greedy(ckpt.lm, ids, features, 32)
     for dtype in dtypes:
         lm, vision = copy.deepcopy(ckpt.lm).to(device, dtype), copy.deepcopy(ckpt.vision).to(device, dtype)
         with torch.device(device):  # the reference allocates caches and positions on the default device
             feats = vision(pixels.to(device, dtype))
             got = split_prefill(lm, ids, feats)[0]
-            tokens = greedy_tokens(lm, ids, feats, 32)
+            tokens = split_greedy(lm, ids, feats, 32)
         result[str(dtype).removeprefix("torch.")] = {
             "vision": compare(feats, features),
             "prefill_logits": compare(got, want),

@@ -47,15 +47,22 @@ def split_vs_original(lm: SaisaLM, ids: list[int], features: torch.Tensor | None
 
 
 @torch.no_grad()
-def greedy(lm: SaisaLM, ids: list[int], features: torch.Tensor | None, n: int) -> tuple[list[int], list[int]]:
-    """n greedy tokens from `split` (cached) and from `original` (recomputed every step)."""
+def split_greedy(lm: SaisaLM, ids: list[int], features: torch.Tensor | None, n: int) -> list[int]:
+    """n greedy tokens from `split`, decoding on its caches (on the default device)."""
     logits, cache, visual, positions = split_prefill(lm, ids, features)
-    ours, pos = [], positions[-1] + 1
+    tokens, pos = [], positions[-1] + 1
     for _ in range(n):
         tok = int(logits[-1].argmax())
-        ours.append(tok)
+        tokens.append(tok)
         out, cache = split.forward_text(lm, torch.tensor([[tok]]), torch.tensor([[pos]]), cache, visual)
         logits, pos = out[0], pos + 1
+    return tokens
+
+
+@torch.no_grad()
+def greedy(lm: SaisaLM, ids: list[int], features: torch.Tensor | None, n: int) -> tuple[list[int], list[int]]:
+    """n greedy tokens from `split` (cached) and from `original` (recomputed every step)."""
+    ours = split_greedy(lm, ids, features, n)
     theirs, seq = [], list(ids)
     for _ in range(n):
         tok = int(original.forward(lm, seq, None if features is None else features[0])[-1].argmax())
