@@ -26,7 +26,7 @@ from saisa_edge.calibration.weight_only import WeightQuant, block_of, quantize
 SCALE_GRID = 20  # alpha in 0, 0.05, ..., 0.95 (AWQ's grid)
 CLIP_GRID = 20
 MAX_SHRINK = 0.5  # the clipping search tries ranges down to half of the block's max |w|
-ROWS = 256  # activation rows kept per tensor for the searches
+ROWS = 1024  # activation rows kept per tensor for the searches
 
 
 class RowSample(TensorStats):

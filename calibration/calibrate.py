@@ -2,7 +2,8 @@
 
 Pass 1 runs the float artifact with every linear layer's input tapped: images through
 vision.onnx, their features through visual_kv.onnx, prompts attending the real visual
-K/V through decoder.onnx (prefill, then greedy decode steps). SmoothQuant (INT8) then
+K/V through decoder.onnx (prefill, then greedy decode steps), then passages of prose
+through decoder.onnx alone (`data.text_chunks`). SmoothQuant (INT8) then
 rescales the RMSNorm-fed inputs, each by its own alpha chosen on sampled rows
 (`smoothquant`) or by one fixed alpha, and pass 2 re-measures just those. Ranges come from
 the recipe's method. Which INT8 linears stay in float: the fewest decoder linears that
@@ -29,14 +30,16 @@ from saisa_edge.artifacts import ARTIFACT_KIND, MANIFEST_NAME, Artifact, atomic_
 from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.calibration import awq, qdq, sensitivity, smoothquant, weight_only
-from saisa_edge.calibration.data import Pair, digest
+from saisa_edge.calibration.data import TEXT_TOPICS, Pair, digest
 from saisa_edge.calibration.recipe import Recipe
 from saisa_edge.calibration.stats import TensorStats, noise_ratio, pick_amax
 from saisa_edge.errors import SaisaError
+from saisa_edge.evaluation.perplexity import Chunks
 from saisa_edge.export.graph import EMBED_LIMIT
 from saisa_edge.inputs.conversation import TEMPLATES
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.progress import say, track
+from saisa_edge.runtime.kv import TextCache
 from saisa_edge.runtime.sampling import SamplingParams
 from saisa_edge.runtime.session import Request, Session
 
@@ -88,12 +91,18 @@ class _Run:
                 raise SaisaError(f"calibration: {graph}.onnx produced inf/NaN at {name}; the float artifact "
                                  "overflows on this data (fp16?): calibrate an fp32 export") from None
 
-    def run(self, data: list[Pair], decode_steps: int, label: str) -> Stats:
+    def run(self, data: list[Pair], decode_steps: int, label: str, text: Chunks | None = None) -> Stats:
+        """Each pair as a greedy request; then each prose passage teacher-forced through the
+        decoder alone."""
         tokenizer = PromptTokenizer.load(self.art.path)
         session = Session(self.backend, tokenizer, TEMPLATES[self.art.details["conv_mode"]])
         params = SamplingParams(temperature=0.0)
         for pair in track(data, label, total=len(data)):
             session.generate(Request(pair.prompt, pair.pixels, params, max_new_tokens=decode_steps + 1))
+        passages = [] if text is None else text.ids
+        for ids in track(passages, f"{label}: prose", total=len(passages)):
+            self.backend.forward(np.asarray([ids], np.int64), np.arange(len(ids), dtype=np.int64)[None],
+                                 TextCache.empty(self.art.config.text, 1, self.backend.dtype), None)
         return self.stats
 
 
@@ -104,10 +113,11 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pair], decode_steps: int = 4,
-              force: bool = False, gate: sensitivity.Gate | None = None) -> dict[str, Any]:
-    """Write the calibrated artifact `out`; returns its manifest details. `gate` (int8 only):
-    keep in float the fewest decoder linears that meet its marks (sensitivity search), instead
-    of the noise rule."""
+              force: bool = False, gate: sensitivity.Gate | None = None, text: Chunks | None = None
+              ) -> dict[str, Any]:
+    """Write the calibrated artifact `out`; returns its manifest details. `text`: prose
+    passages calibrated on after the pairs. `gate` (int8 only): keep in float the fewest
+    decoder linears that meet its marks (sensitivity search), instead of the noise rule."""
     art = open_source(source)
     t0 = time.perf_counter()
     models = {name: onnx.load(str(art.graph(name))) for name in GRAPHS}
@@ -124,7 +134,7 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
         work = Path(tmp)
         (work / "1").mkdir()
         stats = _Run(art, models, taps, channels, work / "1", features, collector).run(
-            data, decode_steps, f"calibrating (pass 1/{passes})") if recipe.awq or not recipe.weight_only else {}
+            data, decode_steps, f"calibrating (pass 1/{passes})", text) if recipe.awq or not recipe.weight_only else {}
         smoothed: dict[str, list[str]] = {}
         for name, group in sites.items() if int8 else ():
             found = smoothquant.choose_graph(models[name], group, stats[name], recipe) \
@@ -139,7 +149,7 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
         if any(smoothed.values()):
             (work / "2").mkdir()
             again = _Run(art, models, smoothed, set(), work / "2", features).run(
-                data, decode_steps, "calibrating (pass 2/2, smoothed inputs)")
+                data, decode_steps, "calibrating (pass 2/2, smoothed inputs)", text)
             for name, found_stats in again.items():
                 stats[name].update(found_stats)
     if choices:
@@ -198,6 +208,8 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
         details["quantization"] = {
             "recipe": recipe.as_json(),
             "samples": len(data) if stats else 0, "decode_steps": decode_steps, "data_sha256": digest(data),
+            "text": {"source": "pydoc_data.topics", "topics": list(TEXT_TOPICS), "passages": len(text.ids),
+                     "tokens": sum(map(len, text.ids)), "sha256": text.sha256} if stats and text else None,
             "images": sorted({str(p.image) for p in data}),
             "seconds": round(calibration_s, 1),
             "ranges": {t: {"amax": round(v, 6), "noise": round(noise[t], 4)} for t, v in sorted(amax.items())},

@@ -1,8 +1,16 @@
-"""Image+prompt pairs for calibration and accuracy reports.
+"""Image+prompt pairs for calibration and accuracy reports, and the prose the decoder is
+calibrated on besides them.
 
 The bundled sets (drawn by `calibration.draw`) are the default: `calibration` to
 calibrate, `validation` (other images, other prompts) to measure. A user's folder of
 images and a prompt file work the same way; pairs take images and prompts in turn.
+
+Pairs alone starve the decoder's calibration: sixteen short prompts in one chat template
+are a few hundred mostly repeated rows. Passages of real prose (as AWQ calibrates on the
+Pile and TensorRT-LLM's quantization on news text) give the weight-only searches and the
+activation ranges what a chat model reads. Here they come from Python's own reference
+manual (`pydoc_data`, shipped with CPython, so offline like everything else), disjoint from
+the module docstrings `validate` measures perplexity on.
 """
 
 from __future__ import annotations
@@ -15,9 +23,16 @@ import numpy as np
 
 from saisa_edge.config import VisionConfig
 from saisa_edge.errors import SaisaError
+from saisa_edge.evaluation.perplexity import Chunks
 from saisa_edge.inputs.image import load_image, preprocess
+from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.resources import asset
 
+# Reference-manual sections, prose-heavy, in this order; their text varies a little between
+# Python versions, so the manifest records its sha256
+TEXT_TOPICS = ("execmodel", "naming", "exceptions", "import", "objects", "types", "customization", "truth",
+               "context-managers", "dynamic-features", "compound", "class", "function", "try", "with")
+TEXT_CONTEXT = 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 MIN_IMAGES = 2
 
@@ -68,6 +83,17 @@ def pairs(vision: VisionConfig, samples: int, images: Path | None = None, prompt
             decoded[f] = preprocess(load_image(f, flag="--images"), vision, pad)
         out.append(Pair(f, texts[i % len(texts)], decoded[f]))
     return out
+
+
+def calibration_text() -> str:
+    from pydoc_data.topics import topics  # CPython's help() data: imported only to calibrate
+
+    return "\n\n".join(topics[t].strip() for t in TEXT_TOPICS if t in topics)
+
+
+def text_chunks(tokenizer: PromptTokenizer, chunks: int) -> Chunks:
+    """`chunks` passages of TEXT_CONTEXT tokens of the calibration prose (fewer if it runs out)."""
+    return Chunks.of(tokenizer, TEXT_CONTEXT, chunks, calibration_text())
 
 
 def digest(chosen: list[Pair]) -> str:

@@ -18,6 +18,7 @@ from saisa_edge.targets import TENSORRT_INT4_BLOCKS, WEIGHT_ONLY, Target, check_
 PRECISIONS = ("int8", "fp8", "int8_sq", "int8_wo", "int4_awq", "int4_rtn")
 SPELLINGS = {"int8_sq": "int8"}  # int8 (W8A8, SmoothQuant) keeps its manifest name; int8_sq is TensorRT-LLM's
 WEIGHT_BITS = dict(zip(WEIGHT_ONLY, (8, 4, 4)))  # W8A16 / W4A16 (float activations): bits of the weights
+DEFAULT_TEXT_CHUNKS = 8  # prose passages calibrated on after the pairs (calibration.data)
 DEFAULT_GROUP_SIZE = 128
 # MatMulNBits' accuracy_level: 0 (unset) and 1 compute in fp32, 2 fp16, 3 bf16; 4 quantizes each
 # block of activations to int8 on the fly, which ONNX Runtime's x86 kernels need to be fast

@@ -388,6 +388,9 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
                    "[default: 8 for int8].")
 @click.option("--decode-steps", type=click.IntRange(min=0), default=4, show_default=True,
               help="Greedy decode steps calibrated after each prefill.")
+@click.option("--text-chunks", type=click.IntRange(min=0), default=recipes.DEFAULT_TEXT_CHUNKS, show_default=True,
+              help="Passages of 256 tokens of prose (Python's reference manual) the decoder is calibrated on "
+                   "after the pairs; 0: the pairs alone.")
 @click.option("--group-size", type=int, default=recipes.DEFAULT_GROUP_SIZE, show_default=True,
               help="int4_awq/int4_rtn: rows of K sharing a scale (a power of two, at least 16).")
 @click.option("--nbits-accuracy", type=click.Choice([str(v) for v in recipes.NBITS_ACCURACY]), default=None,
@@ -404,7 +407,7 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @click.option("--force", is_flag=True, help="Replace an earlier calibrate output.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
               samples: int, method: str | None, percentile: float, keep: str, smoothquant: str, max_noise: float,
-              search_budget: int | None, decode_steps: int, group_size: int, nbits_accuracy: str | None, zero_point: bool | None,
+              search_budget: int | None, decode_steps: int, text_chunks: int, group_size: int, nbits_accuracy: str | None, zero_point: bool | None,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
               min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
     """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then
@@ -413,7 +416,8 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     from saisa_edge.artifacts import ARTIFACT_KIND, open_artifact
     from saisa_edge.artifacts.folders import check_output
     from saisa_edge.calibration.calibrate import calibrate as run_calibration, open_source, summary
-    from saisa_edge.calibration.data import pairs
+    from saisa_edge.calibration.data import pairs, text_chunks as prose
+    from saisa_edge.inputs.tokenizer import PromptTokenizer
     from saisa_edge.calibration.recipe import make_recipe
     from saisa_edge.progress import say
 
@@ -429,7 +433,8 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     source = open_source(artifact)
     cfg = source.config
     data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.pads_images)
-    details = run_calibration(source, output, recipe, data, decode_steps, force, gate)
+    text = prose(PromptTokenizer.load(source.path), text_chunks) if text_chunks else None
+    details = run_calibration(source, output, recipe, data, decode_steps, force, gate, text)
     say(f"wrote {output}: {json.dumps(summary(details))}")
     if report_samples:  # its files were hashed as they were written, moments ago: sizes are checked, not hashes
         _report(open_artifact(output, verify=False), reference, None, None, None, report_samples, bounds,

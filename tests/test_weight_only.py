@@ -19,7 +19,8 @@ from saisa_edge.backends.ort import OrtBackend
 from saisa_edge.backends.pytorch import TorchBackend
 from saisa_edge.calibration import awq, weight_only
 from saisa_edge.calibration.calibrate import calibrate
-from saisa_edge.calibration.data import pairs
+from saisa_edge.calibration.data import TEXT_CONTEXT, TEXT_TOPICS, calibration_text, pairs, text_chunks
+from saisa_edge.artifacts.names import GRAPHS
 from saisa_edge.calibration.recipe import DEFAULT_NBITS_ACCURACY, make_recipe
 from saisa_edge.checkpoint.loader import load_checkpoint
 from saisa_edge.cli import main
@@ -389,6 +390,42 @@ def test_orin_plan_by_hand():
     assert not any(r["format"] == "fp8" for r in orin.table())  # no FP8 tensor cores on Orin
 
 
+def test_calibration_prose_is_real_and_not_the_perplexity_text(float_artifact):
+    text = calibration_text()
+    assert len(text.split()) > 5000
+    held_out = {p.strip() for p in ppl.corpus().split("\n\n") if len(p.split()) > 8}
+    assert not any(p.strip() in held_out for p in text.split("\n\n")), "calibration prose overlaps the held-out text"
+    tokenizer = PromptTokenizer.load(float_artifact)
+    chunks = text_chunks(tokenizer, 3)
+    assert chunks == text_chunks(tokenizer, 3) and [len(c) for c in chunks.ids] == [TEXT_CONTEXT] * 3
+
+
+def test_prose_passages_reach_every_decoder_tap(tmp_path, float_artifact, monkeypatch):
+    """Each prose token is one more row at every decoder linear's input, and at no other
+    graph's: the AWQ searches see it. The manifest says what prose was seen."""
+    calls: list[dict[str, int]] = []
+    real = awq.quantize_graph
+
+    def spy(model, sites, stats, recipe):
+        calls.append({t: s.seen for t, s in stats.items()})
+        return real(model, sites, stats, recipe)
+
+    monkeypatch.setattr(awq, "quantize_graph", spy)
+    data = pairs(open_artifact(float_artifact).config.vision, 2)
+    text = text_chunks(PromptTokenizer.load(float_artifact), 2)
+    recipe = make_recipe("int4_awq", "cpu", keep=(), group_size=32)
+    details, rows = [], []
+    for name, prose in (("pairs", None), ("prose", text)):
+        calls.clear()
+        details.append(calibrate(float_artifact, tmp_path / name, recipe, data, decode_steps=1, text=prose))
+        rows.append(list(calls))
+    added = [{n - before[t] for t, n in after.items()} for before, after in zip(*rows)]
+    assert GRAPHS[-1] == "decoder" and added == [{0}] * (len(GRAPHS) - 1) + [{2 * TEXT_CONTEXT}]
+    assert details[0]["quantization"]["text"] is None
+    assert details[1]["quantization"]["text"] == {"source": "pydoc_data.topics", "topics": list(TEXT_TOPICS),
+                                                  "passages": 2, "tokens": 2 * TEXT_CONTEXT, "sha256": text.sha256}
+
+
 def test_cli_weight_only_flags_reach_the_graph(tmp_path, float_artifact):
     out = tmp_path / "int4"
     result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(out), "--precision", "int4_rtn",
@@ -399,6 +436,12 @@ def test_cli_weight_only_flags_reach_the_graph(tmp_path, float_artifact):
     node = next(n for n in onnx.load(str(out / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits")
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["block_size"] == 16 and attrs["accuracy_level"] == 0 and attrs["bits"] == 4
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "awq"), "--precision",
+                                       "int4_awq", "--group-size", "32", "--samples", "2", "--text-chunks", "1",
+                                       "--report-samples", "0"])
+    assert result.exit_code == 0, result.output
+    text = json.loads((tmp_path / "awq" / MANIFEST_NAME).read_text())["details"]["quantization"]["text"]
+    assert text["passages"] == 1 and text["tokens"] == TEXT_CONTEXT
     result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "x"), "--precision",
                                        "int4_awq", "--group-size", "100"])
     assert result.exit_code == 2 and "--group-size 100: must be a power of two" in result.output

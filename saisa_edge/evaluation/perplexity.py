@@ -38,8 +38,10 @@ class Chunks:
     sha256: str  # of the text
 
     @classmethod
-    def of(cls, tokenizer: PromptTokenizer, context: int = CONTEXT, chunks: int = CHUNKS) -> "Chunks":
-        text = corpus()
+    def of(cls, tokenizer: PromptTokenizer, context: int = CONTEXT, chunks: int = CHUNKS,
+           text: str | None = None) -> "Chunks":
+        """The first `chunks` whole chunks of `text` (default: this module's held-out corpus)."""
+        text = corpus() if text is None else text
         ids = tokenizer.tokenize(text)
         cut = [ids[i:i + context] for i in range(0, len(ids) - context + 1, context)][:chunks]
         return cls(cut, hashlib.sha256(text.encode()).hexdigest())
