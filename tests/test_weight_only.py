@@ -345,9 +345,10 @@ def test_perplexity_text_is_fixed_prose_and_backends_agree(float_artifact, tiny_
     assert len(chunks.ids) == 3 and all(len(c) == 64 for c in chunks.ids)
     assert chunks == ppl.Chunks.of(tokenizer, context=64, chunks=3)
     assert "argparse" in ppl.corpus().lower() and len(ppl.corpus().split()) > 2000
-    ort_ppl = ppl.perplexity(OrtBackend(open_artifact(float_artifact)), chunks)
-    torch_ppl = ppl.perplexity(TorchBackend(load_checkpoint(tiny_gqa_dir)), chunks)
-    assert ort_ppl == pytest.approx(torch_ppl, rel=1e-4)
+    ort_score = ppl.score(OrtBackend(open_artifact(float_artifact)), chunks)
+    torch_score = ppl.score(TorchBackend(load_checkpoint(tiny_gqa_dir)), chunks)
+    assert ort_score.perplexity == pytest.approx(torch_score.perplexity, rel=1e-4)
+    assert ort_score.top.shape == (3 * 63,) and np.mean(ort_score.top == torch_score.top) > 0.99
     nll = ppl.negative_log_likelihoods(OrtBackend(open_artifact(float_artifact)), chunks.ids[0])
     assert nll.shape == (63,) and np.all(nll > 0)
 
@@ -363,6 +364,7 @@ def test_validate_text_only_reports_perplexity_and_applies_its_mark(quantized, t
     assert report["text_only"] and len(report["samples"]) == 2
     s = report["summary"]
     assert s["perplexity"] > 1 and s["reference_perplexity"] > 1 and s["perplexity"] != s["reference_perplexity"]
+    assert 0 < s["prose_top1"] < 1  # int4 flips some of tiny's argmaxes over the prose, not all
     result = runner.invoke(main, ["validate", str(folder), "--reference", str(tiny_gqa_dir), "--text-only",
                                   "--samples", "1", "--min-cosine", "0", "--min-top1", "0", "--min-greedy", "0",
                                   "--max-perplexity-increase", "-1"])

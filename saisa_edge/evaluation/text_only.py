@@ -33,7 +33,8 @@ class TextReport(Report):
         return {"precision": self.precision, "text_only": True, "passed": self.passed, "failures": self.failures,
                 "thresholds": asdict(self.thresholds),
                 "summary": {"logit_cosine_min": self.cosine, "top1": self.top1, "greedy_match": self.greedy,
-                            "perplexity": self.perplexity, "reference_perplexity": self.reference_perplexity},
+                            "perplexity": self.perplexity, "reference_perplexity": self.reference_perplexity,
+                            "prose_top1": self.prose_top1},
                 "worst_sample": {"prompt": low.prompt, "cosine_min": low.cosine_min},
                 "samples": [asdict(s) for s in self.samples]}
 
@@ -75,7 +76,8 @@ def compare_text(reference: Backend, candidate: Backend, tokenizer: PromptTokeni
 
 def validate_text(reference: Backend, candidate: Backend, tokenizer: PromptTokenizer, template: Template,
                   prompts: list[str], precision: str, thresholds: Thresholds, progress: Any = None,
-                  perplexity: float | None = None, reference_perplexity: float | None = None) -> TextReport:
+                  perplexity: float | None = None, reference_perplexity: float | None = None,
+                  prose_top1: float | None = None) -> TextReport:
     items = progress(prompts, "validating (text only)", total=len(prompts)) if progress else prompts
     samples = [compare_text(reference, candidate, tokenizer, template, p) for p in items]
-    return TextReport(precision, thresholds, samples, perplexity, reference_perplexity)
+    return TextReport(precision, thresholds, samples, perplexity, reference_perplexity, prose_top1)

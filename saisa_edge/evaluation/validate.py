@@ -22,7 +22,7 @@ from saisa_edge.artifacts import Artifact, Engines, artifact_details, open_runna
 from saisa_edge.backends import Backend
 from saisa_edge.calibration.data import Pair
 from saisa_edge.errors import SaisaError
-from saisa_edge.evaluation.perplexity import Chunks, perplexity
+from saisa_edge.evaluation.perplexity import Chunks, score
 from saisa_edge.inputs.conversation import Template
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.runtime.kv import TextCache, VisualKV, text_layout
@@ -122,6 +122,7 @@ class Report:
     samples: list[SampleReport]
     perplexity: float | None = None
     reference_perplexity: float | None = None
+    prose_top1: float | None = None  # argmax agreement over the perplexity prose (reported, not a mark)
 
     @property
     def cosine(self) -> float:
@@ -163,6 +164,7 @@ class Report:
             "thresholds": asdict(self.thresholds),
             "summary": {"logit_cosine_min": self.cosine, "top1": self.top1, "greedy_match": self.greedy,
                         "perplexity": self.perplexity, "reference_perplexity": self.reference_perplexity,
+                        "prose_top1": self.prose_top1,
                         "vision_max_abs": max(s.vision.max_abs for s in self.samples),
                         "visual_kv_max_abs": max(s.visual_kv.max_abs for s in self.samples),
                         "decoder_logits_max_abs": max(s.decoder.max_abs for s in self.samples)},
@@ -272,7 +274,8 @@ def perplexity_line(report: Report) -> list[str]:
     bound = report.thresholds.max_perplexity_increase
     return [f"perplexity (stdlib docstrings) {report.perplexity:.3f} vs fp32 {report.reference_perplexity:.3f}: "
             f"{100 * (report.perplexity / report.reference_perplexity - 1):+.2f}%"
-            + (f" (<= +{100 * bound:g}%)" if bound is not None else "")]
+            + (f" (<= +{100 * bound:g}%)" if bound is not None else "")
+            + (f"; top-1 over that prose {report.prose_top1:.4f}" if report.prose_top1 is not None else "")]
 
 
 def run_validation(candidate: Path | Artifact | Engines, reference: Path | None = None,
@@ -300,7 +303,9 @@ def run_validation(candidate: Path | Artifact | Engines, reference: Path | None 
     bounds.update({k: v for k, v in (overrides or {}).items() if v is not None})
     template = get_template(details.get("conv_mode") or tokenizer.default_conv_mode())
     chunks = Chunks.of(tokenizer)
-    ppl = {"perplexity": perplexity(model, chunks), "reference_perplexity": perplexity(ref, chunks)}
+    got, want = score(model, chunks), score(ref, chunks)
+    ppl = {"perplexity": got.perplexity, "reference_perplexity": want.perplexity,
+           "prose_top1": float(np.mean(got.top == want.top))}
     if text_only:
         from saisa_edge.evaluation.text_only import validate_text
 
@@ -309,6 +314,7 @@ def run_validation(candidate: Path | Artifact | Engines, reference: Path | None 
     data = pairs(cfg.vision, samples, images, prompts, bundled="validation", pad=cfg.mm.pads_images)
     report = validate(ref, model, tokenizer, template, data, precision, Thresholds(**bounds), progress, kv_storage)
     report.perplexity, report.reference_perplexity = ppl["perplexity"], ppl["reference_perplexity"]
+    report.prose_top1 = ppl["prose_top1"]
     return report
 
 
