@@ -91,9 +91,10 @@ def calibration_text() -> str:
     return "\n\n".join(topics[t].strip() for t in TEXT_TOPICS if t in topics)
 
 
-def text_chunks(tokenizer: PromptTokenizer, chunks: int) -> Chunks:
-    """`chunks` passages of TEXT_CONTEXT tokens of the calibration prose (fewer if it runs out)."""
-    return Chunks.of(tokenizer, TEXT_CONTEXT, chunks, calibration_text())
+def text_chunks(tokenizer: PromptTokenizer, chunks: int, max_context: int = TEXT_CONTEXT) -> Chunks:
+    """`chunks` passages of TEXT_CONTEXT tokens of the calibration prose (fewer if it runs
+    out; shorter where the artifact serves less context)."""
+    return Chunks.of(tokenizer, min(TEXT_CONTEXT, max_context), chunks, calibration_text())
 
 
 def digest(chosen: list[Pair]) -> str:

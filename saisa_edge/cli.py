@@ -433,7 +433,7 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
     source = open_source(artifact)
     cfg = source.config
     data = pairs(cfg.vision, samples, images, prompts, pad=cfg.mm.pads_images)
-    text = prose(PromptTokenizer.load(source.path), text_chunks) if text_chunks else None
+    text = prose(PromptTokenizer.load(source.path), text_chunks, source.max_context) if text_chunks else None
     details = run_calibration(source, output, recipe, data, decode_steps, force, gate, text)
     say(f"wrote {output}: {json.dumps(summary(details))}")
     if report_samples:  # its files were hashed as they were written, moments ago: sizes are checked, not hashes

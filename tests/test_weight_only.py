@@ -400,6 +400,7 @@ def test_calibration_prose_is_real_and_not_the_perplexity_text(float_artifact):
     tokenizer = PromptTokenizer.load(float_artifact)
     chunks = text_chunks(tokenizer, 3)
     assert chunks == text_chunks(tokenizer, 3) and [len(c) for c in chunks.ids] == [TEXT_CONTEXT] * 3
+    assert [len(c) for c in text_chunks(tokenizer, 2, max_context=100).ids] == [100, 100]  # a short artifact
 
 
 def test_prose_passages_reach_every_decoder_tap(tmp_path, float_artifact, monkeypatch):
