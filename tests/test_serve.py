@@ -325,11 +325,12 @@ def test_timeout_is_503_with_retry_after(model, gate):
     """One request times out while it decodes, the other while it waits in the queue.
     Greedy, so the decoding one cannot end early on a sampled EOS (the tiny vocabulary has
     480 tokens: sampling ended it within the timeout about once in fifty runs)."""
+    ask = dict(model=MODEL, messages=_ask("Hi", None), temperature=0)
+    with serving(_session(model)) as (url, _):  # the premise, without the timeout: no early EOS
+        assert _client(url).chat.completions.create(**ask, max_tokens=30).choices[0].finish_reason == "length"
+    gate.delay = 0.05
     with serving(_session(model), timeout_s=0.5, max_batch=1) as (url, app):
         client = _client(url)
-        ask = dict(model=MODEL, messages=_ask("Hi", None), temperature=0)
-        assert client.chat.completions.create(**ask, max_tokens=30).choices[0].finish_reason == "length"
-        gate.delay = 0.05
 
         def slow():
             return _refused(lambda: client.chat.completions.create(**ask, max_tokens=500), 503, "timeout")
