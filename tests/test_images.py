@@ -172,6 +172,34 @@ def test_declared_size_is_checked_before_decoding(tmp_path, monkeypatch):
         load_image(path)
 
 
+def test_concurrent_loads_leave_the_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """Two threads opening at once (a server decoding two uploads): catch_warnings saves and
+    restores the process-wide filters, so without the lock the later thread restores a list
+    holding the earlier one's "error" filter, and bomb warnings raise everywhere after."""
+    import threading
+    import time
+    import warnings
+
+    path = tmp_path / "ok.png"
+    path.write_bytes(imagefiles.encode("PNG", (32, 32)))
+    real_open = Image.open
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.2)  # both threads inside the filter block at once, unless serialised
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", slow_open)
+    before = list(warnings.filters)
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(load_image(path))) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and warnings.filters == before
+
+
 def test_a_folder_is_not_an_image(tmp_path):
     with pytest.raises(SaisaError, match="is a folder"):
         load_image(tmp_path)

@@ -10,6 +10,7 @@ and the work after it by `EXACT_SIDE`: a tiny file cannot make either cost gigab
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from pathlib import Path
 
@@ -35,6 +36,12 @@ non-square image is first resized (bicubic) to fit, then padded, which keeps a 1
 image from becoming a 100000**2 canvas."""
 
 
+_OPENING = threading.Lock()
+"""Held while Pillow reads a header with its bomb warning made an error. catch_warnings saves
+and restores the process's filter list, so two threads inside it at once can leave the other's
+filter behind (or drop it); decoding the pixels runs outside the lock."""
+
+
 class ImageTooLarge(SaisaError):
     """Over the pixel bound (a server answers 413, not 400)."""
 
@@ -48,13 +55,14 @@ def load_image(path: Path | bytes, flag: str = "--image") -> Image.Image:
     """
     where = f"{flag} {path}" if isinstance(path, Path) else flag
     try:
-        with warnings.catch_warnings():
+        with _OPENING, warnings.catch_warnings():  # the filters are process-wide: one opener at a time
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path if isinstance(path, Path) else io.BytesIO(path)) as img:
-                check_image_size(img.size, where)
-                img.seek(0)
-                img.load()
-                return to_rgb(img, where)
+            img = Image.open(path if isinstance(path, Path) else io.BytesIO(path))  # the header only
+        with img:
+            check_image_size(img.size, where)
+            img.seek(0)
+            img.load()
+            return to_rgb(img, where)
     except FileNotFoundError:
         raise SaisaError(f"{where}: file not found") from None
     except IsADirectoryError:
