@@ -91,6 +91,14 @@ def data_url(path_or_bytes: Path | bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+
+def _chat(client: openai.OpenAI, **request):
+    """A chat completion, greedy unless the test samples on purpose: tiny's vocabulary has 480
+    tokens, so a sampled reply ends on EOS at once about once in 500 requests (CI failed on
+    that twice, in two tests)."""
+    request.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, **request)
+
 def _ask(question: str, image: str | None) -> list[dict]:
     parts: list[dict] = [{"type": "text", "text": question}]
     if image is not None:
@@ -157,10 +165,10 @@ def test_answers_equal_saisa_edge_run_streaming_or_not(model, artifact):
     want = json.loads(r.stdout)
     with serving(_session(model)) as (url, _):
         client = _client(url)
-        got = client.chat.completions.create(model=MODEL, messages=_ask(question, data_url(DEMO_IMAGE)),
+        got = _chat(client, messages=_ask(question, data_url(DEMO_IMAGE)),
                                              max_tokens=n, temperature=0)
         pieces, finish, usage, saisa = [], None, None, None
-        for c in client.chat.completions.create(model=MODEL, messages=_ask(question, data_url(DEMO_IMAGE)),
+        for c in _chat(client, messages=_ask(question, data_url(DEMO_IMAGE)),
                                                 max_completion_tokens=n, temperature=0, stream=True,
                                                 stream_options={"include_usage": True}):
             if c.choices:
@@ -188,7 +196,7 @@ def test_multi_turn_maps_to_the_template_as_chat_does(model):
     messages = _ask("What is shown?", data_url(DEMO_IMAGE)) + [
         {"role": "assistant", "content": first.text}, {"role": "user", "content": "And the colours?"}]
     with serving(_session(model)) as (url, _):
-        got = _client(url).chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        got = _chat(_client(url), messages=messages, max_tokens=6, temperature=0)
     assert got.choices[0].message.content == second.text
 
 
@@ -211,7 +219,7 @@ def test_sixteen_concurrent_requests_over_four_images(model, gate):
 
             def one(job):
                 q, i = job
-                return client.chat.completions.create(model=MODEL, messages=_ask(q, urls[i]), max_tokens=10,
+                return _chat(client, messages=_ask(q, urls[i]), max_tokens=10,
                                                       temperature=0)
 
             with ThreadPoolExecutor(16) as pool:
@@ -249,7 +257,7 @@ def test_bad_images_and_prompts_are_refused(model, tmp_path):
         client = _client(url)
 
         def ask(image=None, question="What?", **kw):
-            return lambda: client.chat.completions.create(model=MODEL, messages=_ask(question, image), max_tokens=2,
+            return lambda: _chat(client, messages=_ask(question, image), max_tokens=2,
                                                           **kw)
 
         huge = with_size(encode("PNG"), "PNG", 9000, 9000)
@@ -269,7 +277,7 @@ def test_bad_images_and_prompts_are_refused(model, tmp_path):
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "x"}]})
         assert r.status_code == 400 and "messages[0]" in r.json()["error"]["message"]
-        ok = client.chat.completions.create(model=MODEL, messages=_ask("What?", data_url(DEMO_IMAGE)), max_tokens=2)
+        ok = _chat(client, messages=_ask("What?", data_url(DEMO_IMAGE)), max_tokens=2)
         assert ok.choices[0].finish_reason == "length"
         assert _metric(url, 'saisa_requests_total{status="413"}') == 3
 
@@ -280,20 +288,19 @@ def test_local_images_only_under_the_allowed_folder(model, tmp_path):
     (allowed / "demo.png").write_bytes(DEMO_IMAGE.read_bytes())
     with serving(_session(model), allow_local_images=allowed) as (url, _):
         client = _client(url)
-        ok = client.chat.completions.create(model=MODEL, messages=_ask("What?", f"file://{allowed / 'demo.png'}"),
+        ok = _chat(client, messages=_ask("What?", f"file://{allowed / 'demo.png'}"),
                                             max_tokens=2)
         assert ok.model_extra["saisa"]["visual_cache"] == "miss"
-        _refused(lambda: client.chat.completions.create(
-            model=MODEL, messages=_ask("What?", f"file://{allowed}/../images/../../{DEMO_IMAGE}"), max_tokens=2),
+        _refused(lambda: _chat(client, messages=_ask("What?", f"file://{allowed}/../images/../../{DEMO_IMAGE}"), max_tokens=2),
             400, "outside --allow-local-images")
 
 
 def test_api_key(model):
     with serving(_session(model), api_key="s3cret") as (url, _):
-        _refused(lambda: _client(url, "wrong").chat.completions.create(model=MODEL, messages=_ask("Hi", None)),
+        _refused(lambda: _chat(_client(url, "wrong"), messages=_ask("Hi", None)),
                  401, "invalid_api_key")
         _refused(lambda: _client(url, "wrong").models.list(), 401, "invalid_api_key")
-        ok = _client(url, "s3cret").chat.completions.create(model=MODEL, messages=_ask("Hi", None), max_tokens=2)
+        ok = _chat(_client(url, "s3cret"), messages=_ask("Hi", None), max_tokens=2)
         assert ok.usage.completion_tokens >= 1
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
 
@@ -304,20 +311,20 @@ def test_full_queue_is_429_with_retry_after(model, gate):
         scheduler = app.state.scheduler
         gate.open.clear()
         with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(client.chat.completions.create, model=MODEL, messages=_ask("Hi", None), max_tokens=3,
+            running = pool.submit(_chat, client, messages=_ask("Hi", None), max_tokens=3,
                                   temperature=0)  # greedy: OpenAI's default of 1 may sample an early end
             _wait(lambda: scheduler.running == 1)
-            queued = pool.submit(client.chat.completions.create, model=MODEL, messages=_ask("Hey", None), max_tokens=3,
+            queued = pool.submit(_chat, client, messages=_ask("Hey", None), max_tokens=3,
                                  temperature=0)
             _wait(lambda: len(scheduler.queue) == 1)
-            err = _refused(lambda: client.chat.completions.create(model=MODEL, messages=_ask("Yo", None)), 429,
+            err = _refused(lambda: _chat(client, messages=_ask("Yo", None)), 429,
                            "queue_full")
             assert int(err.response.headers["retry-after"]) >= 1
             assert _metric(url, "saisa_queue_depth") == 1
             gate.open.set()
             assert running.result().usage.completion_tokens == 3 and queued.result().usage.completion_tokens == 3
     with serving(_session(model), max_batch=1, max_queue=0) as (url, _):  # no queue: a free row still takes one
-        assert _client(url).chat.completions.create(model=MODEL, messages=_ask("Hi", None),
+        assert _chat(_client(url), messages=_ask("Hi", None),
                                                     max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
@@ -325,15 +332,15 @@ def test_timeout_is_503_with_retry_after(model, gate):
     """One request times out while it decodes, the other while it waits in the queue.
     Greedy, so the decoding one cannot end early on a sampled EOS (the tiny vocabulary has
     480 tokens: sampling ended it within the timeout about once in fifty runs)."""
-    ask = dict(model=MODEL, messages=_ask("Hi", None), temperature=0)
+    ask = dict(messages=_ask("Hi", None))
     with serving(_session(model)) as (url, _):  # the premise, without the timeout: no early EOS
-        assert _client(url).chat.completions.create(**ask, max_tokens=30).choices[0].finish_reason == "length"
+        assert _chat(_client(url), **ask, max_tokens=30).choices[0].finish_reason == "length"
     gate.delay = 0.05
     with serving(_session(model), timeout_s=0.5, max_batch=1) as (url, app):
         client = _client(url)
 
         def slow():
-            return _refused(lambda: client.chat.completions.create(**ask, max_tokens=500), 503, "timeout")
+            return _refused(lambda: _chat(client, **ask, max_tokens=500), 503, "timeout")
 
         with ThreadPoolExecutor(2) as pool:
             errors = [pool.submit(slow) for _ in range(2)]
@@ -346,7 +353,7 @@ def test_disconnect_mid_stream_frees_the_slot(model, gate):
     gate.delay = 0.02  # 1000 tokens would take 20 s or more
     with serving(_session(model), max_batch=1) as (url, app):
         client = _client(url)
-        stream = client.chat.completions.create(model=MODEL, messages=_ask("Tell me a story.", None), max_tokens=1000,
+        stream = _chat(client, messages=_ask("Tell me a story.", None), max_tokens=1000,
                                                 temperature=0, stream=True)
         got = [next(stream) for _ in range(3)]
         assert got[1].choices[0].delta.content is not None
@@ -358,13 +365,13 @@ def test_disconnect_mid_stream_frees_the_slot(model, gate):
         assert gate.calls == calls  # nothing runs for it any more
         assert _metric(url, 'saisa_requests_total{status="cancelled"}') == 1
         gate.delay = 0.0
-        after = client.chat.completions.create(model=MODEL, messages=_ask("Hi", None), max_tokens=2)
+        after = _chat(client, messages=_ask("Hi", None), max_tokens=2)
         assert after.usage.completion_tokens == 2  # the one slot is free again
 
 
 def test_metrics_are_prometheus_text(model):
     with serving(_session(model)) as (url, _):
-        _client(url).chat.completions.create(model=MODEL, messages=_ask("Hi", data_url(DEMO_IMAGE)), max_tokens=3)
+        _chat(_client(url), messages=_ask("Hi", data_url(DEMO_IMAGE)), max_tokens=3)
         text = httpx.get(f"{url}/metrics").text
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     assert {"saisa_requests_total", "saisa_time_to_first_token_seconds", "saisa_time_per_output_token_seconds",
@@ -390,7 +397,7 @@ def test_serve_command_runs_without_torch(artifact):
         url = f"http://127.0.0.1:{port}"
         _wait(lambda: proc.poll() is None and _healthy(url), 60)
         got = _client(url, "k").chat.completions.create(model="tiny-art", messages=_ask("Hi", data_url(DEMO_IMAGE)),
-                                                        max_tokens=2)
+                                                        max_tokens=2, temperature=0)
         assert got.usage.completion_tokens == 2
     finally:
         proc.terminate()
