@@ -59,6 +59,7 @@ def main() -> None:
         report["artifacts"][str(p)] = {
             "precision": opened[p].precision,
             "form": (opened[p].details.get("quantization") or {}).get("recipe", {}).get("form"),
+            "decoder_form": opened[p].decoder_form,
             "decode_tokens_per_s": round(max(rates[p]), 2), "speedup_over_float": round(max(rates[p]) / base, 2),
             "prefill_ms": round(min(prefill[p]), 1), "prefill_speedup": round(base_prefill / min(prefill[p]), 2),
             "graphs_bytes": _bytes(p), "graphs_mib": round(_bytes(p) / 2**20, 1),
