@@ -86,8 +86,11 @@ def pairs(vision: VisionConfig, samples: int, images: Path | None = None, prompt
 
 
 def calibration_text() -> str:
-    from pydoc_data.topics import topics  # CPython's help() data: imported only to calibrate
-
+    try:
+        from pydoc_data.topics import topics  # CPython's help() data: imported only to calibrate
+    except ImportError:  # some distributions split it off the minimal Python
+        raise SaisaError("--text-chunks: this Python lacks pydoc_data (the calibration prose); install its full "
+                         "standard library, or pass --text-chunks 0 to calibrate on the pairs alone") from None
     return "\n\n".join(topics[t].strip() for t in TEXT_TOPICS if t in topics)
 
 

@@ -403,6 +403,17 @@ def test_calibration_prose_is_real_and_not_the_perplexity_text(float_artifact):
     assert [len(c) for c in text_chunks(tokenizer, 2, max_context=100).ids] == [100, 100]  # a short artifact
 
 
+def test_a_python_without_pydoc_data_is_one_line(tmp_path, float_artifact, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)  # import raises ImportError
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "x"), "--precision",
+                                       "int4_awq", "--report-samples", "0"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "lacks pydoc_data" in result.output and "--text-chunks 0" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
 def test_prose_passages_reach_every_decoder_tap(tmp_path, float_artifact, monkeypatch):
     """Each prose token is one more row at every decoder linear's input, and at no other
     graph's: the AWQ searches see it. The manifest says what prose was seen."""
