@@ -237,7 +237,7 @@ def _search(art: Artifact, decoder: onnx.ModelProto, sites: list[qdq.Site], rows
     ranking = sorted(errors, key=lambda node: -errors[node])
     prompts = list(dict.fromkeys(p.prompt for p in data))[:gate.prompts]
     tokenizer = PromptTokenizer.load(art.path)
-    judge = sensitivity.TextJudge(gate, art.details, recipe.precision, tokenizer,
+    judge = sensitivity.TextJudge(gate, art.path, art.details, recipe.precision, tokenizer,
                                   TEMPLATES[art.details["conv_mode"]], prompts)
     say(f"sensitivity search over {len(ranking)} decoder linears (most sensitive: "
         + ", ".join(f"{n} {errors[n]:.3f}" for n in ranking[:3]) + f"), at most {gate.budget} candidates")

@@ -22,7 +22,7 @@ from saisa_edge.backends import Backend, open_model
 from saisa_edge.errors import SaisaError
 from saisa_edge.evaluation.perplexity import Chunks, perplexity
 from saisa_edge.evaluation.text_only import validate_text
-from saisa_edge.evaluation.validate import DEFAULT_THRESHOLDS, Thresholds
+from saisa_edge.evaluation.validate import Thresholds, reference_checkpoint, thresholds_for
 from saisa_edge.inputs.conversation import Template
 from saisa_edge.inputs.tokenizer import PromptTokenizer
 from saisa_edge.progress import say
@@ -87,22 +87,15 @@ class Gate:
     overrides: dict[str, float | None] = field(default_factory=dict)  # --min-top1 etc.
 
     def thresholds(self, precision: str) -> Thresholds:
-        bounds = asdict(DEFAULT_THRESHOLDS[precision])
-        bounds.update({k: v for k, v in self.overrides.items() if v is not None})
-        return Thresholds(**bounds)
+        return thresholds_for(precision, self.overrides)
 
 
 class TextJudge:
     """`validate --text-only` against the fp32 reference, its perplexity measured once."""
 
-    def __init__(self, gate: Gate, details: dict[str, Any], precision: str, tokenizer: PromptTokenizer,
-                 template: Template, prompts: list[str]):
-        source = details.get("source", {})
-        checkpoint = gate.reference or (Path(source["checkpoint"]) if source.get("checkpoint") else None)
-        if checkpoint is None or not (checkpoint / "config.json").is_file():
-            raise SaisaError("--reference: give the fp32 checkpoint the artifact was exported from (the "
-                             "sensitivity search measures against it)" + (f"; {checkpoint} is gone" if checkpoint else ""))
-        self.reference, _ = open_model(checkpoint, "torch", None, "fp32")
+    def __init__(self, gate: Gate, artifact: Path, details: dict[str, Any], precision: str,
+                 tokenizer: PromptTokenizer, template: Template, prompts: list[str]):
+        self.reference, _ = open_model(reference_checkpoint(details, gate.reference, artifact), "torch", None, "fp32")
         self.tokenizer, self.template, self.prompts = tokenizer, template, prompts
         self.precision, self.thresholds = precision, gate.thresholds(precision)
         self.chunks = Chunks.of(tokenizer)

@@ -278,6 +278,23 @@ def perplexity_line(report: Report) -> list[str]:
             + (f"; top-1 over that prose {report.prose_top1:.4f}" if report.prose_top1 is not None else "")]
 
 
+def thresholds_for(precision: str, overrides: dict[str, float | None] | None = None) -> Thresholds:
+    """The format's default marks, with the ones a user gave (--min-top1 etc.) in their place."""
+    bounds = asdict(DEFAULT_THRESHOLDS[precision])
+    bounds.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Thresholds(**bounds)
+
+
+def reference_checkpoint(details: dict[str, Any], reference: Path | None, folder: Path) -> Path:
+    """The fp32 checkpoint to measure against: `reference`, else the one `folder` was exported from."""
+    source = details.get("source", {})
+    checkpoint = reference or (Path(source["checkpoint"]) if source.get("checkpoint") else None)
+    if checkpoint is None or not (checkpoint / "config.json").is_file():
+        raise SaisaError(f"--reference: give the checkpoint {folder} was exported from"
+                         + (f" ({checkpoint} is gone)" if checkpoint else ""))
+    return checkpoint
+
+
 def run_validation(candidate: Path | Artifact | Engines, reference: Path | None = None,
                    vision_tower: Path | None = None, images: Path | None = None, prompts: Path | None = None, samples: int = 6,
                    overrides: dict[str, float | None] | None = None, backend: str = "auto",
@@ -290,17 +307,13 @@ def run_validation(candidate: Path | Artifact | Engines, reference: Path | None 
     opened = candidate if isinstance(candidate, (Artifact, Engines)) else open_runnable(candidate)
     details = artifact_details(opened)
     source = details.get("source", {})
-    checkpoint = reference or (Path(source["checkpoint"]) if source.get("checkpoint") else None)
-    if checkpoint is None or not (checkpoint / "config.json").is_file():
-        raise SaisaError(f"--reference: give the checkpoint {opened.path} was exported from"
-                         + (f" ({checkpoint} is gone)" if checkpoint else ""))
+    checkpoint = reference_checkpoint(details, reference, opened.path)
     tower = vision_tower or (Path(source["vision_tower"]) if reference is None and source.get("vision_tower") else None)
     model, tokenizer = open_model(opened, backend)
     ref, _ = open_model(checkpoint, "torch", tower, "fp32")
     cfg = ref.config
     precision = precision_of(details)
-    bounds = asdict(DEFAULT_THRESHOLDS[precision])
-    bounds.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    thresholds = thresholds_for(precision, overrides)
     template = get_template(details.get("conv_mode") or tokenizer.default_conv_mode())
     chunks = Chunks.of(tokenizer)
     got, want = score(model, chunks), score(ref, chunks)
@@ -310,9 +323,9 @@ def run_validation(candidate: Path | Artifact | Engines, reference: Path | None 
         from saisa_edge.evaluation.text_only import validate_text
 
         return validate_text(ref, model, tokenizer, template, prompt_set(prompts, samples), precision,
-                             Thresholds(**bounds), progress, **ppl)
+                             thresholds, progress, **ppl)
     data = pairs(cfg.vision, samples, images, prompts, bundled="validation", pad=cfg.mm.pads_images)
-    report = validate(ref, model, tokenizer, template, data, precision, Thresholds(**bounds), progress, kv_storage)
+    report = validate(ref, model, tokenizer, template, data, precision, thresholds, progress, kv_storage)
     report.perplexity, report.reference_perplexity = ppl["perplexity"], ppl["reference_perplexity"]
     report.prose_top1 = ppl["prose_top1"]
     return report
