@@ -134,6 +134,18 @@ def write_gguf(lm: SaisaLM, vocab_from: Path, out: Path) -> None:
     writer.close()
 
 
+def gguf_streamed_bytes(path: Path) -> int:
+    """Bytes of the matrices a llama.cpp decode step reads whole, as the file stores them: every
+    matrix but the token embedding (a step gathers one row), which counts when it is also the
+    output head (a tied GGUF has no `output.weight`)."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors if len(t.shape) >= 2}
+    tied = _GLOBAL["lm_head.weight"] not in tensors
+    embedding = _GLOBAL["model.embed_tokens.weight"]
+    return sum(int(t.n_bytes) for name, t in tensors.items() if name != embedding or tied)
+
+
 def _cached(out: Path, build: Callable[[Path], dict[str, object]]) -> Path:
     """`out` as built before, else built now into a temporary sibling and renamed into place."""
     if (out / BUILT).is_file():

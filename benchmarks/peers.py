@@ -13,10 +13,11 @@ per round, the order rotated each round) after one warm-up round; reported per s
 median and best decode tokens/s (steps after the first token) and prefill time (prompt to
 first token). At fp32 the systems' greedy tokens are compared token for token. Ratios name
 the issue's targets: saisa-edge's median decode rate over each peer's of the same class.
-Every ONNX system (saisa-edge's and GenAI's) is also put against the memory-bandwidth bound
-of this run, as benchmarks/runtime.py measures it: the bytes a decode step streams (the
-decoder's matrices as its graph stores them, plus the K/V it attends) over the read
-bandwidth measured after the rounds.
+Every system is also put against the memory-bandwidth bound of this run, as
+benchmarks/runtime.py measures it: the bytes a decode step streams (the decoder's matrices as
+its ONNX graph or GGUF file stores them, plus the K/V it attends) over the read bandwidth
+measured after the rounds. Two systems at the same bytes and the same fraction of the bound
+decode at the same rate, so the fractions say which speed ratios this machine allows.
 
 The peers are opt-in: a missing one is skipped with the one line that installs it.
 """
@@ -40,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.peer_models import GENAI_PRECISIONS, GGUF_FILE, GGUF_TYPES, prepare
+from benchmarks.peer_models import GENAI_PRECISIONS, GGUF_FILE, GGUF_TYPES, gguf_streamed_bytes, prepare
 from benchmarks.runtime import kv_bytes_per_token, read_bandwidth, session, streamed_bytes
 from saisa_edge.artifacts import open_artifact
 from saisa_edge.artifacts.names import GRAPHS
@@ -108,7 +109,8 @@ class System(Protocol):
     label: str  # saisa-edge: the --saisa label; peers: their format
     precision: str  # a CLASS key
     source: str
-    graph: Path | None  # the ONNX decoder a step runs (for the bandwidth bound); None: not ONNX
+
+    def streamed(self) -> int: ...  # bytes of the matrices one decode step reads whole
 
 
     def run(self, ids: list[int], n: int) -> Run: ...
@@ -136,13 +138,12 @@ class SaisaSystem:
     system: str = SAISA
     session: Session = field(init=False)
     precision: str = field(init=False)
-    graph: Path | None = field(init=False)
     lm_head: str = field(init=False)  # "float" or "quantized" (weight-only calibration without --keep lm_head)
 
     def __post_init__(self) -> None:
         artifact = open_artifact(self.folder)
         self.precision, self.source = artifact.precision, str(self.folder)
-        self.graph = artifact.graph("decoder")
+        self._graph = artifact.graph("decoder")
         recipe = artifact.details.get("quantization", {}).get("recipe", {})
         self.lm_head = "float" if not recipe or "lm_head" in recipe.get("keep", []) else "quantized"
         if self.precision not in CLASS:
@@ -160,6 +161,9 @@ class SaisaSystem:
                              "first artifact's; give artifacts of one checkpoint")
         return Run(result.tokens, result.timings_ms["prefill"], result.timings_ms["decode"])
 
+    def streamed(self) -> int:
+        return streamed_bytes(self._graph)
+
     def prompt_ids(self) -> list[int]:
         """The ids saisa-edge feeds its decoder for PROMPT: what every peer is fed."""
         return self.session.generate(Request(PROMPT, None, max_new_tokens=1)).prompt_tokens
@@ -174,7 +178,7 @@ class GenaiSystem:
         import onnxruntime_genai as og
 
         self.label, self.precision, self.source, self.eos, self._og = label, label, str(folder), eos, og
-        self.graph: Path | None = folder / json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+        self._graph = folder / json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
         config = og.Config(str(folder))
         options = {"intra_op_num_threads": THREADS, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
@@ -189,6 +193,9 @@ class GenaiSystem:
             generator.generate_next_token()
             yield int(generator.get_next_tokens()[0])
 
+    def streamed(self) -> int:
+        return streamed_bytes(self._graph)
+
     def run(self, ids: list[int], n: int) -> Run:
         return timed(self._steps(ids, n), n, self.eos)
 
@@ -202,7 +209,7 @@ class LlamaCppSystem:
         import llama_cpp
 
         self.label, self.precision, self.source, self.eos = label, label, str(gguf), eos
-        self.graph: Path | None = None
+        self._gguf = gguf
         self._cpp = llama_cpp
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_batch=context, n_threads=THREADS,
                                    n_threads_batch=THREADS, verbose=False)
@@ -216,6 +223,9 @@ class LlamaCppSystem:
             token = int(np.argmax(logits))
             yield token
             llm.eval([token])
+
+    def streamed(self) -> int:
+        return gguf_streamed_bytes(self._gguf)
 
     def run(self, ids: list[int], n: int) -> Run:
         return timed(self._steps(ids), n, self.eos)
@@ -232,23 +242,23 @@ def first_divergence(a: list[int], b: list[int], n: int) -> int | None:
 
 @dataclass
 class Bound:
-    """This run's memory-bandwidth bound: the read bandwidth and the bytes each ONNX system's
-    decode step reads (by system index)."""
+    """This run's memory-bandwidth bound: the read bandwidth and the bytes each system's decode
+    step reads (by system index)."""
 
     bytes_per_s: float
     per_token: dict[int, float]
 
 
 def measure_bound(systems: list[System], warm: dict[int, Run], ids: list[int]) -> Bound:
-    """Streamed weights (as each graph stores them) plus the text K/V a step attends on average;
-    every system holds the same model's K/V in fp32 (runtime.py's count, less its image term)."""
+    """Streamed weights (as each graph or GGUF file stores them) plus the text K/V a step attends
+    on average, counted in fp32 for every system (runtime.py's count, less its image term;
+    llama.cpp keeps its K/V in f16, a few MB per step against hundreds of weights)."""
     backend = next(s.session.backend for s in systems if isinstance(s, SaisaSystem))
 
     def kv(generated: int) -> float:
         return kv_bytes_per_token(backend, len(ids), generated) - kv_bytes_per_token(backend, 0, 0)
 
-    per_token = {i: streamed_bytes(s.graph) + kv(len(warm[i].tokens)) for i, s in enumerate(systems)
-                 if s.graph is not None}
+    per_token = {i: s.streamed() + kv(len(warm[i].tokens)) for i, s in enumerate(systems)}
     return Bound(read_bandwidth(), per_token)
 
 

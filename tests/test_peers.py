@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import peers
-from benchmarks.peer_models import permute_rope_rows, text_model, write_gguf, write_hf_folder
+from benchmarks.peer_models import gguf_streamed_bytes, permute_rope_rows, text_model, write_gguf, write_hf_folder
 from benchmarks.runtime import kv_bytes_per_token, streamed_bytes
 from saisa_edge.artifacts import open_artifact
 from saisa_edge.checkpoint.smollm2 import read_llama_gguf, unpermute_rope_rows
@@ -66,6 +66,11 @@ def test_gguf_holds_the_checkpoint_weights_in_llama_cpp_order(tiny_gqa_dir, tmp_
     assert not np.array_equal(permute_rope_rows(q, t.num_attention_heads), q)  # the rows really move
     assert np.array_equal(unpermute_rope_rows(torch.from_numpy(permute_rope_rows(q, t.num_attention_heads)),
                                               t.num_attention_heads).numpy(), q)
+    # a step streams every matrix once, the head (tied: the embedding) included, the embedding's gather not
+    head = "model.embed_tokens.weight" if t.tie_word_embeddings else "lm_head.weight"
+    matrices = [v for k, v in state.items() if v.dim() == 2 and k != "model.embed_tokens.weight"]
+    assert gguf_streamed_bytes(tmp_path / "model.gguf") == 4 * (sum(v.numel() for v in matrices)
+                                                                + (state[head].numel() if t.tie_word_embeddings else 0))
 
 
 def test_gguf_refuses_a_tokenizer_of_another_model(tiny_gqa_dir, tmp_path):
@@ -176,7 +181,7 @@ def test_report_ratios_name_the_targets():
     assert json.loads(json.dumps(out)) == out
 
 
-def test_report_puts_onnx_systems_against_the_bandwidth_bound():
+def test_report_puts_systems_against_the_bandwidth_bound():
     class Fake:
         def __init__(self, system, label):
             self.system, self.label, self.precision, self.source = system, label, label, "x"
@@ -184,7 +189,7 @@ def test_report_puts_onnx_systems_against_the_bandwidth_bound():
     systems = [Fake(peers.SAISA, "fp32"), Fake(peers.GENAI, "fp32"), Fake(peers.LLAMA_CPP, "F32")]
     runs = {i: [peers.Run([1, 2, 3], 10.0, 2000 / rate)] for i, rate in enumerate((50.0, 40.0, 30.0))}
     args = peers.parse_args(["--saisa", "fp32=a", "--work", "w", "--agree", "3"])
-    bound = peers.Bound(1e10, {0: 1.6e8, 1: 1e8})  # 62.5 and 100 tokens/s at 10 GB/s; llama.cpp: none
+    bound = peers.Bound(1e10, {0: 1.6e8, 1: 1e8})  # 62.5 and 100 tokens/s at 10 GB/s; the third: not counted
     out = peers.report(systems, runs, {i: r[0] for i, r in runs.items()}, [1, 2], args, [], bound)  # type: ignore[arg-type]
     rows = out["systems"]
     assert rows[0]["bandwidth_bound"] == {"bytes_per_token_mb": 160.0, "bound_tokens_per_s": 62.5,
