@@ -30,9 +30,10 @@ FORMS = ("dq", "nbits")
 MS_DOMAIN = "com.microsoft"
 BLOCKED_DQ_OPSET = 21  # DequantizeLinear's block_size and INT4 arrived in opset 21
 NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits blocks are powers of two >= 16
-# Accuracy level 4 quantizes activations to int8 per block of K: small blocks keep smol's outlier
+# int8 with a scale per output channel (--group-size 0) in MatMulNBits: the scale repeated per block
+# of 16. Accuracy level 4 quantizes activations to int8 per block of K: small blocks keep smol's outlier
 # channels from flattening their neighbours (int8_wo measured top-1 0.934 at 128, 0.955 at 16, float
-# compute 0.949), at the same kernel speed, for one fp32 scale per 16 weights (+25% of the int8 bytes)
+# compute 0.949), for one fp32 scale per 16 weights (+25% of the int8 bytes)
 INT8_NBITS_BLOCK = 16
 # Where each form runs; the TensorRT rows come from its documentation (not run here: no GPU)
 ACCEPTED_BY = {
@@ -94,8 +95,8 @@ def quantize(w: np.ndarray, bits: int, block: int, shrink: np.ndarray | None = N
 
 
 def block_of(recipe: Recipe, k: int) -> int:
-    """int4: the recipe's group size along K; int8: the whole of K (per output channel)."""
-    return recipe.group_size if recipe.weight_bits == 4 else k
+    """The recipe's group size along K; the whole of K for a scale per output channel."""
+    return recipe.group_size or k
 
 
 def nbits_block(q: WeightQuant) -> int:

@@ -391,8 +391,10 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @click.option("--text-chunks", type=click.IntRange(min=0), default=recipes.DEFAULT_TEXT_CHUNKS, show_default=True,
               help="Passages of 256 tokens of prose (Python's reference manual) the decoder is calibrated on "
                    "after the pairs; 0: the pairs alone.")
-@click.option("--group-size", type=int, default=recipes.DEFAULT_GROUP_SIZE, show_default=True,
-              help="int4_awq/int4_rtn: rows of K sharing a scale (a power of two, at least 16).")
+@click.option("--group-size", type=int, default=None,
+              help="Weight-only: rows of K sharing a scale (a power of two, at least 16). Default: "
+                   f"{recipes.DEFAULT_GROUP_SIZE} for int4; int8_wo {recipes.DEFAULT_INT8_GROUP_SIZE} on --target cpu, "
+                   f"a scale per output channel on TensorRT targets ({recipes.PER_CHANNEL}: per channel on cpu too).")
 @click.option("--nbits-accuracy", type=click.Choice([str(v) for v in recipes.NBITS_ACCURACY]), default=None,
               help="Weight-only on --target cpu: MatMulNBits computing in float (0-3) or with int8 activations "
                    "(4: ONNX Runtime's fast x86 kernels). Default per format, as measured on smol "
@@ -407,7 +409,7 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @click.option("--force", is_flag=True, help="Replace an earlier calibrate output.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
               samples: int, method: str | None, percentile: float, keep: str, smoothquant: str, max_noise: float,
-              search_budget: int | None, decode_steps: int, text_chunks: int, group_size: int, nbits_accuracy: str | None, zero_point: bool | None,
+              search_budget: int | None, decode_steps: int, text_chunks: int, group_size: int | None, nbits_accuracy: str | None, zero_point: bool | None,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
               min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
     """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then

@@ -232,6 +232,17 @@ def test_weight_only_recipes():
         make_recipe("int8_wo", "cpu", asymmetric=True)
     with pytest.raises(SaisaError, match="--group-size 32: TensorRT's INT4 blocks are 64 or 128"):
         make_recipe("int4_rtn", "h100", group_size=32)
+    # int8: a scale per 32 rows on cpu (GenAI's int8), per output channel for TensorRT or with 0
+    assert make_recipe("int8_wo", "cpu").group_size == 32 and make_recipe("int4_rtn", "cpu").group_size == 128
+    assert make_recipe("int8_wo", "cpu").as_json()["weights"] == "int8 symmetric, a scale per 32 rows of K and output channel"
+    assert make_recipe("int8_wo", "orin-agx").group_size is None and make_recipe("int8_wo", "cpu", group_size=0).group_size is None
+    assert make_recipe("int8_wo", "a100").as_json()["weights"] == "int8 symmetric, a scale per output channel"
+    with pytest.raises(SaisaError, match="--group-size 64: TensorRT's INT8 weight-only GEMM takes a scale per output"):
+        make_recipe("int8_wo", "orin-agx", group_size=64)
+    with pytest.raises(SaisaError, match="--group-size 0: must be a power of two"):
+        make_recipe("int4_awq", "cpu", group_size=0)
+    with pytest.raises(SaisaError, match="--group-size 24: must be a power of two, at least 16 .* or 0 for a scale per"):
+        make_recipe("int8_wo", "cpu", group_size=24)
 
 
 # --- calibrated tiny artifacts ------------------------------------------------------------------
@@ -245,8 +256,9 @@ def quantized(tmp_path_factory, float_artifact):
     for precision in ("int4_awq", "int4_rtn", "int8_wo"):
         for tgt in ("cpu", "orin-agx"):  # symmetric on both: TensorRT's form takes no zero points
             out[precision, tgt] = root / f"{precision}-{tgt}"
+            group = 64 if precision.startswith("int4") else 0  # int8: per output channel, TensorRT's form
             calibrate(float_artifact, out[precision, tgt],
-                      make_recipe(precision, tgt, keep=(), group_size=64, asymmetric=False), data, decode_steps=1)
+                      make_recipe(precision, tgt, keep=(), group_size=group, asymmetric=False), data, decode_steps=1)
     out["int4_awq", "cpu-zero-point"] = root / "int4_awq-cpu-zp"  # the cpu default: uint4 with zero points
     calibrate(float_artifact, out["int4_awq", "cpu-zero-point"], make_recipe("int4_awq", "cpu", keep=(), group_size=32),
               data, decode_steps=1)
@@ -459,3 +471,13 @@ def test_cli_weight_only_flags_reach_the_graph(tmp_path, float_artifact):
     result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "x"), "--precision",
                                        "int4_awq", "--group-size", "100"])
     assert result.exit_code == 2 and "--group-size 100: must be a power of two" in result.output
+    # int8_wo on cpu by default: a scale per 32 rows of K, MatMulNBits blocks of 32 (no repeated scales)
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "int8"), "--precision",
+                                       "int8_wo", "--report-samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "int8" / MANIFEST_NAME).read_text())["details"]["quantization"]["recipe"]["group_size"] == 32
+    graph = onnx.load(str(tmp_path / "int8" / "decoder.onnx")).graph
+    node = next(n for n in graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    scales = next(t for t in graph.initializer if t.name == node.input[2])
+    assert (attrs["bits"], attrs["block_size"]) == (8, 32) and list(scales.dims) == [attrs["N"], -(-attrs["K"] // 32)]
