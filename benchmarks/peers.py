@@ -138,14 +138,15 @@ class SaisaSystem:
     system: str = SAISA
     session: Session = field(init=False)
     precision: str = field(init=False)
-    lm_head: str = field(init=False)  # "float" or "quantized" (weight-only calibration without --keep lm_head)
+    lm_head: str = field(init=False)  # "float", "quantized" (as the body) or "int8" (--lm-head-bits 8)
 
     def __post_init__(self) -> None:
         artifact = open_artifact(self.folder)
         self.precision, self.source = artifact.precision, str(self.folder)
         self._graph = artifact.graph("decoder")
         recipe = artifact.details.get("quantization", {}).get("recipe", {})
-        self.lm_head = "float" if not recipe or "lm_head" in recipe.get("keep", []) else "quantized"
+        self.lm_head = "float" if not recipe or "lm_head" in recipe.get("keep", []) else \
+            f"int{recipe['lm_head_bits']}" if recipe.get("lm_head_bits") else "quantized"
         if self.precision not in CLASS:
             raise SaisaError(f"--saisa {self.label}={self.folder}: a {self.precision} artifact has no peer "
                              f"counterpart; give an artifact in one of {', '.join(sorted(CLASS))}")

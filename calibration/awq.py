@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from onnx import numpy_helper
 from saisa_edge.calibration import qdq
 from saisa_edge.calibration.recipe import Recipe
 from saisa_edge.calibration.stats import TensorStats
-from saisa_edge.calibration.weight_only import WeightQuant, block_of, quantize
+from saisa_edge.calibration.weight_only import WeightQuant, quantize, site_format
 
 SCALE_GRID = 20  # alpha in 0, 0.05, ..., 0.95 (AWQ's grid)
 CLIP_GRID = 20
@@ -143,11 +144,12 @@ def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[st
         w = numpy_helper.to_array(init[site.weight]).astype(np.float32)
         return w.T if site.transposed else w
 
-    def rtn(w: np.ndarray) -> WeightQuant:
-        return quantize(w, recipe.weight_bits, block_of(recipe, w.shape[0]), asymmetric=recipe.asymmetric)
+    def rtn(site: qdq.Site, w: np.ndarray) -> WeightQuant:
+        f = site_format(recipe, site, w.shape[0])
+        return quantize(w, f.bits, f.block, asymmetric=f.asymmetric)
 
     if not recipe.awq:
-        return sites, [], {s.node: rtn(weight(s)) for s in sites}, {}
+        return sites, [], {s.node: rtn(s, weight(s)) for s in sites}, {}
     groups: dict[str, list[qdq.Site]] = defaultdict(list)
     for site in sites:
         groups[site.activation].append(site)
@@ -157,7 +159,8 @@ def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[st
             continue  # a tied head's weight is the embedding too: nothing to fold it into
         st = stats[act]
         assert isinstance(st, RowSample) and st.sample is not None, act
-        scale, alpha, _ = search_scale(st.sample, st.mean_abs, [weight(s) for s in group], rtn)
+        scale, alpha, _ = search_scale(st.sample, st.mean_abs, [weight(s) for s in group],
+                                       partial(rtn, group[0]))  # a group's sites share an input and a format
         if alpha > 0:
             scales[act], alphas[act] = scale, alpha
     new_sites, scaled = qdq.smooth(model, sites, scales)
@@ -167,6 +170,6 @@ def quantize_graph(model: onnx.ModelProto, sites: list[qdq.Site], stats: dict[st
         if old.activation in scales:
             x = x / scales[old.activation]
         w = weight(site)  # smoothed in place: rows scaled by s
-        quants[site.node] = quantize_layer(x, w, recipe.weight_bits, block_of(recipe, w.shape[0]), clip=True,
-                                           asymmetric=recipe.asymmetric)
+        f = site_format(recipe, site, w.shape[0])
+        quants[site.node] = quantize_layer(x, w, f.bits, f.block, clip=True, asymmetric=f.asymmetric)
     return new_sites, scaled, quants, alphas

@@ -24,7 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from saisa_edge.calibration import qdq
-from saisa_edge.calibration.recipe import Recipe
+from saisa_edge.calibration.recipe import Recipe, group_size_for
 
 FORMS = ("dq", "nbits")
 MS_DOMAIN = "com.microsoft"
@@ -94,9 +94,23 @@ def quantize(w: np.ndarray, bits: int, block: int, shrink: np.ndarray | None = N
     return WeightQuant(codes.reshape(-1, n)[:k].astype(np.uint8), scales, bits, block, zeros.astype(np.uint8))
 
 
-def block_of(recipe: Recipe, k: int) -> int:
-    """The recipe's group size along K; the whole of K for a scale per output channel."""
-    return recipe.group_size or k
+@dataclass(frozen=True)
+class SiteFormat:
+    """How one linear's weight is quantized: bits, rows of K per scale, zero points."""
+
+    bits: int
+    block: int
+    asymmetric: bool
+
+
+def site_format(recipe: Recipe, site: qdq.Site, k: int) -> SiteFormat:
+    """The recipe's format, or for an LM head in more bits than the body (int4 with --lm-head-bits 8)
+    int8 as int8_wo takes it on this target (symmetric; blocks of 32 rows on cpu, a scale per output
+    channel for TensorRT)."""
+    if site.role == qdq.LM_HEAD and recipe.lm_head_bits not in (None, recipe.weight_bits):
+        group = group_size_for("int8_wo", recipe.target, None)
+        return SiteFormat(recipe.lm_head_bits, group or k, False)
+    return SiteFormat(recipe.weight_bits, recipe.group_size or k, recipe.asymmetric)
 
 
 def nbits_block(q: WeightQuant) -> int:

@@ -374,8 +374,9 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @click.option("--samples", type=int, default=16, show_default=True, help="Image+prompt pairs to calibrate on.")
 @click.option("--method", default=None, help="max, percentile, entropy or mse (default: percentile for int8, max for fp8).")
 @click.option("--percentile", type=float, default=recipes.DEFAULT_PERCENTILE, show_default=True)
-@click.option("--keep", default=",".join(recipes.DEFAULT_KEEP), show_default=True,
-              help="Comma list left in float: lm_head, vision ('' quantizes both).")
+@click.option("--keep", default=None,
+              help=f"Comma list left in float: lm_head, vision ('' quantizes both) [default: "
+                   f"{','.join(recipes.DEFAULT_KEEP)}; int4 on --target cpu or with --lm-head-bits: none].")
 @click.option("--smoothquant", default=recipes.DEFAULT_SMOOTHQUANT, show_default=True,
               help="int8: SmoothQuant alpha per input chosen by measured W8A8 error (auto), or one alpha for "
                    "every input (0 turns smoothing off).")
@@ -399,6 +400,10 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
               help="Weight-only on --target cpu: MatMulNBits computing in float (0-3) or with int8 activations "
                    "(4: ONNX Runtime's fast x86 kernels). Default per format, as measured on smol "
                    f"({', '.join(f'{k} {v}' for k, v in recipes.DEFAULT_NBITS_ACCURACY.items())}).")
+@click.option("--lm-head-bits", type=click.Choice([str(b) for b in recipes.LM_HEAD_BITS]), default=None,
+              help="int4_awq/int4_rtn: the LM head's bits (8: as int8_wo takes it on the target; 4: as the "
+                   f"body); it is read whole every decode step [default: {recipes.CPU_INT4_LM_HEAD_BITS} on --target "
+                   "cpu, float on TensorRT targets].")
 @click.option("--zero-point/--symmetric", "zero_point", default=None,
               help="int4: a zero point per block (uint4; default on --target cpu) or symmetric (TensorRT targets).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
@@ -408,8 +413,8 @@ def _report(candidate: Path | Artifact, reference: Path | None, vision_tower: Pa
 @_thresholds
 @click.option("--force", is_flag=True, help="Replace an earlier calibrate output.")
 def calibrate(artifact: Path, output: Path, precision: str, target: str, images: Path | None, prompts: Path | None,
-              samples: int, method: str | None, percentile: float, keep: str, smoothquant: str, max_noise: float,
-              search_budget: int | None, decode_steps: int, text_chunks: int, group_size: int | None, nbits_accuracy: str | None, zero_point: bool | None,
+              samples: int, method: str | None, percentile: float, keep: str | None, smoothquant: str, max_noise: float,
+              search_budget: int | None, decode_steps: int, text_chunks: int, group_size: int | None, nbits_accuracy: str | None, lm_head_bits: str | None, zero_point: bool | None,
               reference: Path | None, report_samples: int, min_cosine: float | None, min_top1: float | None,
               min_greedy: float | None, max_perplexity_increase: float | None, force: bool) -> None:
     """Quantize ARTIFACT (INT8/FP8 Q/DQ, or weight-only INT4/INT8), calibrated on image+prompt pairs; then
@@ -425,9 +430,10 @@ def calibrate(artifact: Path, output: Path, precision: str, target: str, images:
 
     from saisa_edge.calibration.sensitivity import gate_for
 
-    recipe = make_recipe(precision, target, method, tuple(k.strip() for k in keep.split(",") if k.strip()),
-                         smoothquant, percentile, max_noise, group_size,
-                         None if nbits_accuracy is None else int(nbits_accuracy), zero_point)
+    kept = None if keep is None else tuple(k.strip() for k in keep.split(",") if k.strip())
+    recipe = make_recipe(precision, target, method, kept, smoothquant, percentile, max_noise, group_size,
+                         None if nbits_accuracy is None else int(nbits_accuracy), zero_point,
+                         None if lm_head_bits is None else int(lm_head_bits))
     bounds: dict[str, float | None] = {"min_cosine": min_cosine, "min_top1": min_top1, "min_greedy": min_greedy,
                                        "max_perplexity_increase": max_perplexity_increase}
     gate = gate_for(recipe.precision, search_budget, reference, bounds)

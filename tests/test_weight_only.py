@@ -243,6 +243,20 @@ def test_weight_only_recipes():
         make_recipe("int4_awq", "cpu", group_size=0)
     with pytest.raises(SaisaError, match="--group-size 24: must be a power of two, at least 16 .* or 0 for a scale per"):
         make_recipe("int8_wo", "cpu", group_size=24)
+    # --lm-head-bits: int4 formats only, and not with the head kept float
+    # the head: int8 by default for int4 on cpu, float elsewhere, else as --keep and --lm-head-bits say
+    assert (make_recipe("int4_awq", "cpu").keep, make_recipe("int4_awq", "cpu").lm_head_bits) == ((), 8)
+    assert (make_recipe("int4_awq", "orin-agx").keep, make_recipe("int4_awq", "orin-agx").lm_head_bits) == (("lm_head",), None)
+    assert (make_recipe("int8_wo", "cpu").keep, make_recipe("int8_wo", "cpu").lm_head_bits) == (("lm_head",), None)
+    assert make_recipe("int4_rtn", "cpu", keep=("lm_head",)).lm_head_bits is None
+    assert make_recipe("int4_rtn", "cpu", lm_head_bits=4).as_json()["lm_head_bits"] == 4
+    assert make_recipe("int4_rtn", "h100", keep=("vision",)).lm_head_bits == 4  # TensorRT: as the body
+    assert make_recipe("int8_wo", "cpu", keep=()).lm_head_bits == 8 and make_recipe("int8", "cpu").keep == ("lm_head",)
+    for precision, kept, said in (("int8_wo", (), "--lm-head-bits 8: int4_awq and int4_rtn may"),
+                                  ("int4_rtn", ("lm_head",), "--lm-head-bits 8 with --keep lm_head"),
+                                  ("fp8", (), "--lm-head-bits: fp8 quantizes activations too")):
+        with pytest.raises(SaisaError, match=said):
+            make_recipe(precision, "cpu" if precision != "fp8" else "h100", keep=kept, lm_head_bits=8)
 
 
 # --- calibrated tiny artifacts ------------------------------------------------------------------
@@ -256,9 +270,10 @@ def quantized(tmp_path_factory, float_artifact):
     for precision in ("int4_awq", "int4_rtn", "int8_wo"):
         for tgt in ("cpu", "orin-agx"):  # symmetric on both: TensorRT's form takes no zero points
             out[precision, tgt] = root / f"{precision}-{tgt}"
-            group = 64 if precision.startswith("int4") else 0  # int8: per output channel, TensorRT's form
-            calibrate(float_artifact, out[precision, tgt],
-                      make_recipe(precision, tgt, keep=(), group_size=group, asymmetric=False), data, decode_steps=1)
+            int4 = precision.startswith("int4")  # int8: per output channel, the head in int4 too: TensorRT's form
+            calibrate(float_artifact, out[precision, tgt], make_recipe(
+                precision, tgt, keep=(), group_size=64 if int4 else 0, asymmetric=False, lm_head_bits=4 if int4 else None),
+                data, decode_steps=1)
     out["int4_awq", "cpu-zero-point"] = root / "int4_awq-cpu-zp"  # the cpu default: uint4 with zero points
     calibrate(float_artifact, out["int4_awq", "cpu-zero-point"], make_recipe("int4_awq", "cpu", keep=(), group_size=32),
               data, decode_steps=1)
@@ -299,7 +314,8 @@ def test_graph_forms_per_target(quantized):
             assert nbits and "DequantizeLinear" not in ops
             levels = {helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"}
             assert levels == {DEFAULT_NBITS_ACCURACY[precision]}  # per format: the level holding its mark
-            assert {len(n.input) for n in nbits} == {4 if tgt == "cpu-zero-point" else 3}  # zero points or none
+            body = [n for n in nbits if n.input[1] != "lm_head.weight.nbits"]  # the head: int8 by default, symmetric
+            assert {len(n.input) for n in body} == {4 if tgt == "cpu-zero-point" else 3}  # zero points or none
         else:
             dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
             assert dqs and "MatMulNBits" not in ops
@@ -336,6 +352,43 @@ def test_one_quantization_gives_both_forms(quantized, precision):
     assert cpu.keys() == trt.keys() and cpu
     for name in cpu:
         np.testing.assert_array_equal(cpu[name], trt[name], err_msg=name)
+
+
+def test_lm_head_bits_quantize_the_head_at_int8_and_the_body_at_int4(tmp_path, float_artifact):
+    """--lm-head-bits 8 (int4's default on cpu): the head as int8_wo takes it on the target (blocks
+    of 32 on cpu, a scale per output channel for TensorRT), every other linear in the recipe's
+    int4; logits nearer the float model's than with the head in int4."""
+    data = pairs(open_artifact(float_artifact).config.vision, 2)
+    formats = {}
+    for name, tgt, bits in (("head8", "cpu", None), ("head4", "cpu", 4), ("head8-trt", "orin-agx", 8)):
+        calibrate(float_artifact, tmp_path / name, make_recipe("int4_awq", tgt, keep=(), group_size=64,
+                                                               asymmetric=False, lm_head_bits=bits), data, decode_steps=1)
+        graph = onnx.load(str(tmp_path / name / "decoder.onnx")).graph
+        init = {t.name: t for t in graph.initializer}
+        found = {}
+        for n in graph.node:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type == "MatMulNBits":
+                found[n.input[1].removesuffix(".nbits")] = (attrs["bits"], attrs["block_size"])
+            elif n.op_type == "DequantizeLinear" and n.input[0].endswith(".quantized"):
+                found[n.input[0].removesuffix(".quantized")] = (8 if init[n.input[0]].data_type == TensorProto.INT8 else 4,
+                                                                attrs.get("block_size", "channel"))
+        formats[name] = found
+    head = "lm_head.weight"
+    assert formats["head8"].pop(head) == (8, 32) and formats["head4"].pop(head) == (4, 64)
+    assert formats["head8-trt"].pop(head) == (8, "channel")
+    for name, found in formats.items():
+        assert found and set(found.values()) == {(4, 64)}, name  # the body: int4 in blocks of 64
+    recipe = json.loads((tmp_path / "head8" / MANIFEST_NAME).read_text())["details"]["quantization"]
+    assert recipe["recipe"]["lm_head_bits"] == 8 and "LM head: ONNX Runtime >= 1.20 CPU (8-bit" in recipe["runs_on"]
+    from saisa_edge.inputs.image import load_image, preprocess
+
+    cfg = open_artifact(float_artifact).config
+    pixels = preprocess(load_image(DEMO_IMAGE), cfg.vision)[None]
+    ref = _logits(OrtBackend(open_artifact(float_artifact)), pixels, cfg.text)
+    error = {name: float(torch.dist(ref, _logits(OrtBackend(open_artifact(tmp_path / name)), pixels, cfg.text)))
+             for name in ("head8", "head4")}
+    assert error["head8"] < error["head4"], error
 
 
 def test_tensorrt_builds_accept_the_dq_form_only(quantized):
@@ -471,6 +524,15 @@ def test_cli_weight_only_flags_reach_the_graph(tmp_path, float_artifact):
     result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "x"), "--precision",
                                        "int4_awq", "--group-size", "100"])
     assert result.exit_code == 2 and "--group-size 100: must be a power of two" in result.output
+    # --lm-head-bits alone quantizes the head (the default --keep loses lm_head); with --keep lm_head: one line
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "h8"), "--precision",
+                                       "int4_rtn", "--lm-head-bits", "8", "--report-samples", "0"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((tmp_path / "h8" / MANIFEST_NAME).read_text())["details"]["quantization"]["recipe"]
+    assert recipe["lm_head_bits"] == 8 and recipe["keep"] == []
+    result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "h8b"), "--precision",
+                                       "int4_rtn", "--lm-head-bits", "8", "--keep", "lm_head"])
+    assert result.exit_code == 2 and "--lm-head-bits 8 with --keep lm_head: the head cannot be both" in result.output
     # int8_wo on cpu by default: a scale per 32 rows of K, MatMulNBits blocks of 32 (no repeated scales)
     result = CliRunner().invoke(main, ["calibrate", str(float_artifact), "-o", str(tmp_path / "int8"), "--precision",
                                        "int8_wo", "--report-samples", "0"])
