@@ -40,7 +40,7 @@ DEFAULT_NBITS_ACCURACY = {"int8_wo": 4, "int4_awq": 4, "int4_rtn": 4}
 DEFAULT_ASYMMETRIC = True
 KEEPABLE = ("lm_head", "vision")
 # --lm-head-bits: int4 formats may quantize the LM head at 8 bits, as int8_wo takes it (llama.cpp's
-# practice: its output matrix gets more bits than the body), or 4. The head is read whole every step
+# practice: its Q4_0 and Q4_K_M hold smol's head in Q8_0), or 4. The head is read whole every step
 # (smol's tied head: 113 MB in fp32, 63% of int4_awq's bytes a step with it float). int4 on --target
 # cpu does so by default: measured on smol, int4_awq decodes 1.31x faster than with the head float
 # (152.5 against 116.3 tok/s), prose top-1 0.782 against 0.785, perplexity +21.4% against +21.2%.
