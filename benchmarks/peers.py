@@ -55,7 +55,7 @@ THREADS = 2
 SAISA, GENAI, LLAMA_CPP = "saisa-edge", "onnxruntime-genai", "llama.cpp"
 INSTALL = {  # the peers' pip lines: opt-in, never in CI's install
     GENAI: "pip install onnxruntime-genai onnx-ir",
-    LLAMA_CPP: "CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python  (builds llama.cpp: ~15 min on 2 cores)",
+    LLAMA_CPP: "CMAKE_BUILD_PARALLEL_LEVEL=2 pip install llama-cpp-python  (builds llama.cpp: 10-40 min on 2 cores)",
 }
 MODULES = {GENAI: ("onnxruntime_genai", "onnx_ir"), LLAMA_CPP: ("llama_cpp",)}
 # each format's benchmark class: saisa-edge artifact precisions, GenAI builder precisions, GGUF types
