@@ -220,8 +220,8 @@ def calibrate(source: Path | Artifact, out: Path, recipe: Recipe, data: list[Pai
             **({"awq_alpha": dict(sorted(alphas.items())),
                 "runs_on": weight_only.ACCEPTED_BY[recipe.form][
                     "uint4" if recipe.asymmetric else f"int{recipe.weight_bits}"]
-                + (f"; LM head: {weight_only.ACCEPTED_BY[recipe.form][f'int{recipe.lm_head_bits}']}"
-                   if recipe.lm_head_bits not in (None, recipe.weight_bits) else "")}
+                + (f"; LM head: {weight_only.ACCEPTED_BY[recipe.form][f'int{recipe.lm_head_own_bits}']}"
+                   if recipe.lm_head_own_bits else "")}
                if recipe.weight_only else {}),
             "source": {"artifact": str(art.path), "manifest_sha256": art.manifest_sha256},
         }

@@ -85,6 +85,11 @@ class Recipe:
         return WEIGHT_BITS[self.precision]
 
     @property
+    def lm_head_own_bits(self) -> int | None:
+        """The LM head's bits when they are not the body's (int4 with --lm-head-bits 8), else None."""
+        return self.lm_head_bits if self.lm_head_bits not in (None, self.weight_bits) else None
+
+    @property
     def awq(self) -> bool:
         return self.precision == "int4_awq"
 

@@ -107,9 +107,10 @@ def site_format(recipe: Recipe, site: qdq.Site, k: int) -> SiteFormat:
     """The recipe's format, or for an LM head in more bits than the body (int4 with --lm-head-bits 8)
     int8 as int8_wo takes it on this target (symmetric; blocks of 32 rows on cpu, a scale per output
     channel for TensorRT)."""
-    if site.role == qdq.LM_HEAD and recipe.lm_head_bits not in (None, recipe.weight_bits):
+    bits = recipe.lm_head_own_bits
+    if site.role == qdq.LM_HEAD and bits is not None:
         group = group_size_for("int8_wo", recipe.target, None)
-        return SiteFormat(recipe.lm_head_bits, group or k, False)
+        return SiteFormat(bits, group or k, False)
     return SiteFormat(recipe.weight_bits, recipe.group_size or k, recipe.asymmetric)
 
 
